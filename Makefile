@@ -1,0 +1,45 @@
+# The two commands a newcomer needs: `make train` and `make test`. Everything installs itself.
+PY := .venv/bin/python
+export PYTHONPATH := $(CURDIR)
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.build/torch_extensions
+DATA := data/default
+TRAIN_ROWS ?= 400000
+SMOKE ?=
+
+.PHONY: install train test lint format bench doctor data study clean
+
+install:
+	@bash launch/install.sh
+
+$(DATA)/.done: | install
+	$(PY) -m pipeline.synth --out $(DATA) --rows $(TRAIN_ROWS) --files 8 --seed 0
+	@touch $@
+
+data: $(DATA)/.done
+
+train: install data
+	bash launch/train.sh configs/default.toml
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+bench: install
+	@mkdir -p bench/results
+	$(PY) -m bench.run_all --out bench/results
+
+doctor: install
+	$(PY) -m launch.doctor
+
+study: install
+	$(PY) -m launch.study --config configs/study.toml $(if $(SMOKE),--smoke,)
+
+clean:
+	rm -rf runs bench/results .pytest_cache

@@ -1,0 +1,27 @@
+"""Typed config section for the sparse side: sharding and the fused sparse optimizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EmbeddingsConfig:
+    """TorchRec embedding tables: sharding, optimizer, collision handling."""
+
+    sharding: str = "auto"
+    """Sharding type for every table: 'auto' (the planner chooses among the types that work here),
+    'table_wise', 'row_wise', 'column_wise', 'data_parallel'."""
+    table_sharding: dict[str, str] = field(default_factory=dict)
+    """Per-table override of `sharding`, e.g. {item = "row_wise"}."""
+    optimizer: str = "rowwise_adagrad"
+    """Sparse optimizer fused into backward: 'rowwise_adagrad', 'adagrad', 'sgd', 'adam'."""
+    lr: float = 0.05
+    """Sparse learning rate (peak; follows the training schedule's shape)."""
+    eps: float = 1e-8
+    """Optimizer epsilon."""
+    managed_collision: list[str] = field(default_factory=list)
+    """Tables whose ids go through TorchRec's managed-collision module (zero-collision hashing with
+    eviction); their features should use `id_mapping = "raw"`."""
+    mc_eviction_interval: int = 1
+    """Steps between managed-collision evictions."""

@@ -1,0 +1,69 @@
+"""The one place that decides device and backend (cuda + nccl, else cpu + gloo) and the process
+environment every entry point needs. Call `setup_env()` before importing deepspeed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TORCH_EXTENSIONS_DIR = REPO / ".build" / "torch_extensions"
+
+
+def _cuda_visible() -> bool:
+    """Whether a CUDA device is usable, decided without initialising CUDA in this process."""
+    if os.environ.get("RANKMIXER_FORCE_CPU") == "1":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def setup_env() -> None:
+    """Set DS_ACCELERATOR, the project-local TORCH_EXTENSIONS_DIR and quiet defaults; idempotent."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(TORCH_EXTENSIONS_DIR))
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _cuda_visible() else "cpu")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Device and backend for this process."""
+
+    device_type: str  # "cuda" | "cpu"
+    backend: str  # "nccl" | "gloo"
+    local_rank: int
+
+    @property
+    def device(self):  # -> torch.device
+        import torch
+
+        if self.device_type == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+
+def detect_runtime() -> Runtime:
+    """cuda + nccl when CUDA is available, else cpu + gloo."""
+    setup_env()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if _cuda_visible():
+        return Runtime("cuda", "nccl", local_rank)
+    return Runtime("cpu", "gloo", local_rank)
+
+
+def gpu_name() -> str:
+    """Name of the first GPU as nvidia-smi reports it ('' when there is none)."""
+    if shutil.which("nvidia-smi") is None:
+        return ""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs the pinned stack from requirements.lock into .venv/, then the project (editable), then
+# pre-builds DeepSpeed's CPU shared-memory comm op into .build/torch_extensions so that no training
+# run or test pays its ~1 minute JIT build. A no-op when the stamp matches the lock file.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=.venv
+LOCK=requirements.lock
+STAMP=$VENV/.installed
+want=$(sha256sum "$LOCK" pyproject.toml | sha256sum | cut -c1-16)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  exit 0
+fi
+echo "[install] creating $VENV with $($PY --version)"
+[ -x $VENV/bin/python ] || $PY -m venv $VENV
+PIP="$VENV/bin/python -m pip install -q --disable-pip-version-check"
+stage() { awk -v s="$1" '/^# stage:/{on=($3==s); next} on && NF && !/^#/' "$LOCK"; }
+gpu=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu=1; fi
+$PIP $(stage torch)
+if [ $gpu = 1 ]; then
+  $PIP fbgemm-gpu==$(stage fbgemm | sed 's/.*==//')
+else
+  $PIP $(stage fbgemm)
+fi
+$PIP --no-deps $(stage nodeps)
+$PIP $(stage deps)
+$PIP --no-build-isolation $(stage nobuildiso)
+$PIP $(stage rest)
+$PIP --no-deps --no-build-isolation -e .
+if [ $gpu = 0 ]; then
+  echo "[install] pre-building DeepSpeed's CPU comm op into .build/torch_extensions"
+  mkdir -p .build/torch_extensions
+  DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=$PWD/.build/torch_extensions $VENV/bin/python -c \
+    "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()" \
+    >/dev/null
+fi
+echo "$want" > "$STAMP"
+echo "[install] done"

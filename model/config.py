@@ -1,0 +1,75 @@
+"""Typed config sections for the dense model (`model`) and its per-token sparse MoE (`moe`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MODEL_NAMES = (
+    "rankmixer",
+    "rankmixer_shared_ffn",
+    "rankmixer_no_mixing",
+    "self_attention",
+    "dlrm_mlp",
+    "dcnv2",
+)
+
+
+@dataclass
+class ModelConfig:
+    """The dense model: RankMixer or one of the baselines of the zoo."""
+
+    name: str = "rankmixer"
+    """One of: rankmixer, rankmixer_shared_ffn, rankmixer_no_mixing, self_attention, dlrm_mlp, dcnv2."""
+    num_tokens: int = 8
+    """T: tokens per sample (also the number of mixing heads H, since H = T)."""
+    d_model: int = 64
+    """D: token width; must be divisible by num_tokens."""
+    num_layers: int = 2
+    """L: RankMixer blocks."""
+    ffn_mult: int = 4
+    """k: per-token FFN hidden width is k x D."""
+    mixing: str = "paper"
+    """'paper' (parameter-free multi-head token mixing) or 'article' (linear + GELU per head, then a
+    projection, as in the seed article)."""
+    shared_projection: bool = False
+    """Tokenize with one shared projection instead of one per token."""
+    token_pos_emb: bool = False
+    """Add a learnable position embedding per token."""
+    group_pos_emb: bool = False
+    """Add the seed article's learnable intra-group and inter-group position encodings."""
+    dense_proj_dim: int = 16
+    """Width the dense features are projected to before they join the embedding vector."""
+    tower_hidden: list[int] = field(default_factory=lambda: [64])
+    """Hidden widths of each task tower."""
+    mlp_hidden: list[int] = field(default_factory=lambda: [256, 128])
+    """Hidden widths of the DLRM-MLP and DCNv2 deep networks."""
+    cross_layers: int = 3
+    """DCNv2 cross layers."""
+    attn_heads: int = 0
+    """Heads of the self-attention baseline; 0 = num_tokens."""
+
+
+@dataclass
+class MoEConfig:
+    """Per-token sparse mixture of experts replacing each token's FFN."""
+
+    enabled: bool = False
+    """Replace the per-token FFN by per-token experts."""
+    num_experts: int = 4
+    """N_e: experts per token position."""
+    expert_mult: int = 1
+    """k_e: each expert is D -> k_e x D -> D."""
+    router: str = "relu"
+    """'relu' (the paper's ReLU routing with adaptive L1) or 'topk' (the seed article's softmax top-k)."""
+    top_k: int = 2
+    """Experts per token for the top-k router."""
+    dtsi: bool = True
+    """Dense training, sparse inference: a training router and an inference router."""
+    target_activation: float = 0.25
+    """Target mean fraction of active experts for the ReLU router's L1 controller."""
+    l1_init: float = 1e-4
+    """Initial L1 coefficient lambda."""
+    l1_step: float = 1.2
+    """Controller factor: lambda is multiplied by it when too many experts are active, divided when too few."""
+    load_balance: float = 0.0
+    """Coefficient of the load-balance term (fraction routed x mean gate probability)."""

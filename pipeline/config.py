@@ -1,0 +1,88 @@
+"""Typed config sections for the input side: where the data is (`data`) and what its columns mean
+(`features`). Every field has a docstring; `launch.config` loads them from TOML."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SparseFeature:
+    """One categorical feature: a Parquet column of int64 ids (or strings, hashed to int64), or of
+    list<int64> when `max_len > 1` (a behaviour sequence, genres)."""
+
+    name: str = ""
+    """Parquet column name; also the KeyedJaggedTensor key."""
+    group: str = "item"
+    """Semantic group (one of `features.groups`); tokenization concatenates groups in that order."""
+    vocab_size: int = 100_000
+    """Rows of this feature's embedding table; ids are mapped into [0, vocab_size)."""
+    dim: int = 16
+    """Embedding width."""
+    max_len: int = 1
+    """1 for a scalar id column; > 1 for a list column, truncated to its last `max_len` ids."""
+    table: str = ""
+    """Embedding table name; features naming the same table share it (same vocab_size and dim).
+    Empty: a table of its own, named after the feature."""
+    pooling: str = ""
+    """'sum' or 'mean'; empty picks 'sum' for scalar features and 'mean' for lists."""
+    id_mapping: str = "hash"
+    """'hash': every id goes through a stable 64-bit mix, modulo vocab_size. 'modulo': ids already in
+    range are kept, others are hashed into range (and counted). 'raw': ids passed unchanged (for
+    managed-collision tables, which remap ids themselves)."""
+    dtype: str = "int64"
+    """'int64' or 'string' (strings are hashed to int64 first)."""
+
+    @property
+    def table_name(self) -> str:
+        return self.table or self.name
+
+    @property
+    def pooling_mode(self) -> str:
+        return self.pooling or ("sum" if self.max_len == 1 else "mean")
+
+
+@dataclass
+class FeaturesConfig:
+    """What each column means."""
+
+    labels: list[str] = field(default_factory=lambda: ["click", "finish"])
+    """Label columns, one per task, values in {0, 1}."""
+    user_id: str = "user_id"
+    """Column with the user id (int64), used for UAUC; empty disables UAUC."""
+    dense: list[str] = field(default_factory=list)
+    """Dense float columns (NaN/inf/null are replaced by 0 and counted)."""
+    groups: list[str] = field(default_factory=lambda: ["user", "item", "context", "sequence"])
+    """Semantic group order used by tokenization."""
+    sparse: list[SparseFeature] = field(default_factory=list)
+    """Categorical and sequence features, as [[features.sparse]] tables."""
+
+
+@dataclass
+class DataConfig:
+    """Where the data lives and how it is read."""
+
+    train: str = "data/default/train"
+    """Training data: a directory, glob, file, or URI (file://, s3://, gs://, hdfs://)."""
+    eval: str = "data/default/eval"
+    """Held-out data for evaluation (same forms as `train`); empty disables evaluation."""
+    batch_size: int = 256
+    """Rows per batch on each rank (the global batch is batch_size x world size)."""
+    eval_batch_size: int = 1024
+    """Rows per eval batch on each rank."""
+    num_workers: int = 1
+    """Reader processes per rank (0 reads in the training process)."""
+    shuffle: bool = True
+    """Shuffle work units per (seed, epoch) and rows within a bounded window."""
+    shuffle_window: int = 8192
+    """Rows held in the in-window shuffle buffer of each reader."""
+    drop_last: bool = True
+    """Balance ranks by dropping the uneven tail of an epoch (True) or padding it with repeated,
+    zero-weight rows (False); either way every rank runs the same number of steps."""
+    on_bad_file: str = "error"
+    """'error': a corrupt file or a schema problem stops the job before training with a one-line
+    error naming file and column. 'skip': such files are skipped and counted."""
+    row_id_column: str = "row_id"
+    """Column of unique int64 row ids used for the exactly-once audit; empty disables the audit."""
+    prefetch_row_groups: int = 2
+    """Decoded row groups each reader may hold at once (bounds memory)."""

@@ -1,0 +1,26 @@
+"""Session fixtures: one reusable 2-process gloo pool for every distributed check."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from launch.env import setup_env
+
+setup_env()
+
+
+@pytest.fixture(scope="session")
+def dist_pool():
+    """Two spawned ranks in one gloo group, started once per test session."""
+    from tests.dist_pool import DistPool
+
+    pool = DistPool(world_size=2)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_wandb(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", os.environ.get("WANDB_MODE", "offline"))
