@@ -1,16 +1,16 @@
 """The batch every reader yields and every model consumes.
 
-    sparse (KeyedJaggedTensor, keys = features.sparse names in config order):
+sparse (KeyedJaggedTensor, keys = features.sparse names in config order):
 
-        feature  | sample 0 | sample 1 | ...
-        u0       | [17]     | [3]      |
-        s_item   | [4, 9]   | []       |
+    feature  | sample 0 | sample 1 | ...
+    u0       | [17]     | [3]      |
+    s_item   | [4, 9]   | []       |
 
-    dense   B x F   float32 (features.dense, repaired: NaN/inf/null -> 0)
-    labels  B x K   float32 in {0, 1} (features.labels, one column per task)
-    weights B       float32: 1 for real rows, 0 for padding rows (data.drop_last = false)
-    user_ids B      int64 (features.user_id; zeros when not configured)
-    row_ids  B      int64 (data.row_id_column; -1 when not configured)
+dense   B x F   float32 (features.dense, repaired: NaN/inf/null -> 0)
+labels  B x K   float32 in {0, 1} (features.labels, one column per task)
+weights B       float32: 1 for real rows, 0 for padding rows (data.drop_last = false)
+user_ids B      int64 (features.user_id; zeros when not configured)
+row_ids  B      int64 (data.row_id_column; -1 when not configured)
 """
 
 from __future__ import annotations
