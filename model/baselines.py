@@ -1,0 +1,287 @@
+"""The baselines RankMixer is measured against: DLRM-MLP and DCNv2, behind the zoo's interface.
+
+Both see exactly the inputs RankMixer sees: the pooled embeddings concatenated in semantic-group order
+(`sparse_BE`) and the raw dense features projected by one `Linear(N -> model.dense_proj_dim)`, the two
+joined into one vector `x0_BI` of width I = E + dense_proj_dim (no dense projection when N = 0).
+
+    DLRMMLP: x0_BI -> MLP (model.mlp_hidden, ReLU) -> one tower per task -> logits_BK
+    DCNv2:   x0_BI -> cross network (model.cross_layers full-rank layers) -> MLP -> towers   ("stacked")
+             x0_BI -> [cross network || MLP] -> concat -> towers                          ("parallel")
+
+DCNv2 (Wang et al. 2021, "DCN V2") cross layer: `x_{l+1} = x0 * (W_l x_l + b_l) + x_l`, W_l full rank
+I x I. We default to the **stacked** structure (cross network feeding the deep network); the parallel
+structure is offered by the keyword argument `structure="parallel"`.
+
+FLOPs convention (same as the RankMixer counter): forward FLOPs of the matrix multiplications only,
+multiply-add = 2 FLOPs; bias adds, activations and the cross layer's elementwise products are not
+counted (they are O(width), the GEMMs O(width^2)). Training = 3 x forward.
+
+Initialisation is deterministic in `seed` and draws from a local `torch.Generator` only: building a
+model does not touch the global RNG.
+
+Legend: B batch, E pooled-embedding width, N dense features, P dense projection width,
+I interaction input width (E + P), H hidden width, K tasks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from model.config import ModelConfig
+from model.output import ModelOutput
+
+DCN_STRUCTURES = ("stacked", "parallel")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _linear(in_dim: int, out_dim: int, gen: torch.Generator) -> nn.Linear:
+    """An `nn.Linear` initialised like PyTorch's default (U(-1/sqrt(in), 1/sqrt(in))) from `gen`.
+
+    `skip_init` builds the layer without drawing from the global RNG.
+    """
+    layer = nn.utils.skip_init(nn.Linear, in_dim, out_dim)
+    bound = 1.0 / math.sqrt(in_dim)
+    with torch.no_grad():
+        layer.weight.uniform_(-bound, bound, generator=gen)
+        layer.bias.uniform_(-bound, bound, generator=gen)
+    return layer
+
+
+def _mlp(in_dim: int, widths: list[int], gen: torch.Generator, *, final_activation: bool) -> nn.Sequential:
+    """Linear layers `in_dim -> widths[0] -> ... -> widths[-1]` with ReLU between them.
+
+    Args:
+        in_dim: input width.
+        widths: output width of every layer (empty gives an identity).
+        gen: generator for the initialisation.
+        final_activation: put a ReLU after the last layer too.
+    """
+    layers: list[nn.Module] = []
+    prev = in_dim
+    for i, width in enumerate(widths):
+        layers.append(_linear(prev, width, gen))
+        if i < len(widths) - 1 or final_activation:
+            layers.append(nn.ReLU())
+        prev = width
+    return nn.Sequential(*layers)
+
+
+def _linear_flops(module: nn.Module) -> float:
+    """Forward GEMM FLOPs per sample of every `nn.Linear` inside `module` (2 x in x out each)."""
+    return float(sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear)))
+
+
+def _check_widths(widths: list[int], key: str) -> None:
+    if any(int(w) <= 0 for w in widths):
+        raise ValueError(f"model/baselines.py: config key {key} must hold positive widths, got {list(widths)}")
+
+
+class _BaselineBase(nn.Module):
+    """Shared parts: dense projection, input concatenation, per-task towers, the zoo interface.
+
+    Subclasses set `self.body` (an nn.Module mapping x0_BI to h_BH) and then call `_build_towers`, drawing
+    their initialisation from the same generator `gen`, in construction order.
+    """
+
+    body: nn.Module
+
+    def __init__(
+        self, model: ModelConfig, *, sparse_dim: int, num_dense: int, num_tasks: int, gen: torch.Generator
+    ) -> None:
+        super().__init__()
+        if sparse_dim <= 0:
+            raise ValueError(f"model/baselines.py: sparse_dim (pooled embedding width E) must be > 0, got {sparse_dim}")
+        if num_dense < 0:
+            raise ValueError(f"model/baselines.py: num_dense (features.dense count) must be >= 0, got {num_dense}")
+        if num_tasks <= 0:
+            raise ValueError(f"model/baselines.py: num_tasks (label columns) must be > 0, got {num_tasks}")
+        if num_dense > 0 and model.dense_proj_dim <= 0:
+            raise ValueError(
+                f"model/baselines.py: config key model.dense_proj_dim must be > 0, got {model.dense_proj_dim}"
+            )
+        _check_widths(model.mlp_hidden, "model.mlp_hidden")
+        _check_widths(model.tower_hidden, "model.tower_hidden")
+        self.sparse_dim = sparse_dim
+        self.num_dense = num_dense
+        self.num_tasks = num_tasks
+        self.dense_proj = _linear(num_dense, model.dense_proj_dim, gen) if num_dense > 0 else None
+        self.input_dim = sparse_dim + (model.dense_proj_dim if num_dense > 0 else 0)
+
+    def _build_towers(self, in_dim: int, tower_hidden: list[int], gen: torch.Generator) -> None:
+        """One MLP per task: `in_dim -> tower_hidden... -> 1` (ReLU between layers)."""
+        self.towers = nn.ModuleList(
+            _mlp(in_dim, [*tower_hidden, 1], gen, final_activation=False) for _ in range(self.num_tasks)
+        )
+
+    def _inputs(self, sparse_BE: torch.Tensor, dense_BN: torch.Tensor) -> torch.Tensor:
+        """Concatenate the pooled embeddings and the projected dense features.
+
+        Args:
+            sparse_BE: B x E pooled embeddings in semantic-group order.
+            dense_BN: B x N raw dense features.
+
+        Returns:
+            x0_BI: B x I with I = E + P.
+        """
+        name = type(self).__name__
+        if sparse_BE.dim() != 2 or sparse_BE.shape[1] != self.sparse_dim:
+            raise ValueError(
+                f"model/baselines.py: {name} expects sparse_BE of shape B x {self.sparse_dim}, "
+                f"got {tuple(sparse_BE.shape)}"
+            )
+        if dense_BN.dim() != 2 or dense_BN.shape[1] != self.num_dense or dense_BN.shape[0] != sparse_BE.shape[0]:
+            raise ValueError(
+                f"model/baselines.py: {name} expects dense_BN of shape {sparse_BE.shape[0]} x {self.num_dense}, "
+                f"got {tuple(dense_BN.shape)}"
+            )
+        if self.dense_proj is None:
+            return sparse_BE
+        return torch.cat([sparse_BE, self.dense_proj(dense_BN.to(sparse_BE.dtype))], dim=1)
+
+    def forward(self, sparse_BE: torch.Tensor, dense_BN: torch.Tensor) -> ModelOutput:
+        """Score a batch.
+
+        Args:
+            sparse_BE: B x E pooled embeddings concatenated in semantic-group order.
+            dense_BN: B x N raw dense features.
+
+        Returns:
+            ModelOutput with logits_BK (B x K), reg_loss = 0 (scalar), stats = {}.
+        """
+        h_BH = self.body(self._inputs(sparse_BE, dense_BN))
+        logits_BK = torch.cat([tower(h_BH) for tower in self.towers], dim=1)
+        return ModelOutput(logits_BK=logits_BK, reg_loss=logits_BK.new_zeros(()), stats={})
+
+    def flops_per_sample(self, training: bool = False) -> float:
+        """Analytic forward GEMM FLOPs per sample (multiply-add = 2); training=True gives 3 x forward."""
+        return _linear_flops(self) * (3.0 if training else 1.0)
+
+    def num_params(self) -> int:
+        """Number of trainable parameters."""
+        return sum(p.numel() for p in self.parameters())
+
+
+# ----------------------------------------------------------------------------- DLRM-MLP
+
+
+class DLRMMLP(_BaselineBase):
+    """DLRM-MLP: concatenated embeddings and projected dense features into an MLP, then one tower per task.
+
+    Args:
+        model: the `model` config section (mlp_hidden, tower_hidden, dense_proj_dim are read).
+        sparse_dim: E, width of the pooled embedding vector.
+        num_dense: N, number of raw dense features.
+        num_tasks: K, number of tasks (one tower and one logit each).
+        seed: seed of the local generator used for initialisation.
+
+    Example:
+        >>> m = DLRMMLP(ModelConfig(mlp_hidden=[32], tower_hidden=[8]), sparse_dim=12, num_dense=3, num_tasks=2)
+        >>> m(torch.randn(5, 12), torch.randn(5, 3)).logits_BK.shape
+        torch.Size([5, 2])
+    """
+
+    def __init__(self, model: ModelConfig, *, sparse_dim: int, num_dense: int, num_tasks: int, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        super().__init__(model, sparse_dim=sparse_dim, num_dense=num_dense, num_tasks=num_tasks, gen=gen)
+        self.body = _mlp(self.input_dim, list(model.mlp_hidden), gen, final_activation=True)
+        self._build_towers(model.mlp_hidden[-1] if model.mlp_hidden else self.input_dim, list(model.tower_hidden), gen)
+
+
+# ----------------------------------------------------------------------------- DCNv2
+
+
+class CrossLayer(nn.Module):
+    """One full-rank DCNv2 cross layer: `x_{l+1} = x0 * (W x_l + b) + x_l`.
+
+    Args:
+        width: I, the width of x0 and x_l.
+        gen: generator for the initialisation.
+    """
+
+    def __init__(self, width: int, gen: torch.Generator) -> None:
+        super().__init__()
+        self.linear = _linear(width, width, gen)
+
+    def forward(self, x0_BI: torch.Tensor, xl_BI: torch.Tensor) -> torch.Tensor:
+        """Args: x0_BI, xl_BI: B x I. Returns x_{l+1}: B x I."""
+        return x0_BI * self.linear(xl_BI) + xl_BI
+
+
+class DCNv2Body(nn.Module):
+    """Cross network plus deep MLP, stacked or in parallel.
+
+    Args:
+        width: I, the input width.
+        cross_layers: number of full-rank cross layers.
+        mlp_hidden: hidden widths of the deep MLP (ReLU after every layer).
+        structure: "stacked" (cross -> MLP) or "parallel" (concat(cross(x0), MLP(x0))).
+        gen: generator for the initialisation.
+    """
+
+    def __init__(self, width: int, cross_layers: int, mlp_hidden: list[int], structure: str, gen: torch.Generator):
+        super().__init__()
+        self.structure = structure
+        self.cross = nn.ModuleList(CrossLayer(width, gen) for _ in range(cross_layers))
+        self.mlp = _mlp(width, mlp_hidden, gen, final_activation=True)
+        deep_out = mlp_hidden[-1] if mlp_hidden else width
+        self.out_dim = deep_out if structure == "stacked" else width + deep_out
+
+    def cross_network(self, x0_BI: torch.Tensor) -> torch.Tensor:
+        """Apply the cross layers in order. Args: x0_BI: B x I. Returns x_L: B x I."""
+        xl_BI = x0_BI
+        for layer in self.cross:
+            xl_BI = layer(x0_BI, xl_BI)
+        return xl_BI
+
+    def forward(self, x0_BI: torch.Tensor) -> torch.Tensor:
+        """Args: x0_BI: B x I. Returns h_BH: B x out_dim."""
+        if self.structure == "stacked":
+            return self.mlp(self.cross_network(x0_BI))
+        return torch.cat([self.cross_network(x0_BI), self.mlp(x0_BI)], dim=1)
+
+
+class DCNv2(_BaselineBase):
+    """DCNv2: a cross network of `model.cross_layers` full-rank layers and a deep MLP, then towers.
+
+    structure="stacked" (default): x0 -> cross network -> MLP (model.mlp_hidden) -> towers.
+    structure="parallel": cross network and MLP both read x0; their outputs are concatenated -> towers.
+
+    Args:
+        model: the `model` config section (cross_layers, mlp_hidden, tower_hidden, dense_proj_dim are read).
+        sparse_dim: E, width of the pooled embedding vector.
+        num_dense: N, number of raw dense features.
+        num_tasks: K, number of tasks.
+        seed: seed of the local generator used for initialisation.
+        structure: "stacked" or "parallel".
+
+    Example:
+        >>> m = DCNv2(ModelConfig(cross_layers=2, mlp_hidden=[32]), sparse_dim=12, num_dense=3, num_tasks=2)
+        >>> m(torch.randn(5, 12), torch.randn(5, 3)).logits_BK.shape
+        torch.Size([5, 2])
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        *,
+        sparse_dim: int,
+        num_dense: int,
+        num_tasks: int,
+        seed: int = 0,
+        structure: str = "stacked",
+    ) -> None:
+        if model.cross_layers < 0:
+            raise ValueError(
+                f"model/baselines.py: config key model.cross_layers must be >= 0, got {model.cross_layers}"
+            )
+        if structure not in DCN_STRUCTURES:
+            raise ValueError(f"model/baselines.py: DCNv2 structure must be one of {DCN_STRUCTURES}, got {structure!r}")
+        gen = torch.Generator().manual_seed(seed)
+        super().__init__(model, sparse_dim=sparse_dim, num_dense=num_dense, num_tasks=num_tasks, gen=gen)
+        self.body = DCNv2Body(self.input_dim, model.cross_layers, list(model.mlp_hidden), structure, gen)
+        self._build_towers(self.body.out_dim, list(model.tower_hidden), gen)
