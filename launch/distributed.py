@@ -1,0 +1,81 @@
+"""Process-group start-up and small collective helpers.
+
+`init_distributed()` joins the default process group (or runs as a single process without torchrun),
+with the elastic-restart workaround of stack-notes trap 9: under torchrun's agent store, connect to
+the agent's TCPStore ourselves and give gloo a fresh prefix per restart attempt.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from launch.env import Runtime, detect_runtime
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    runtime: Runtime
+    restart_count: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(timeout_s: float = 600.0) -> DistInfo:
+    """Join the job's process group (cuda + nccl or cpu + gloo, decided by launch.env)."""
+    runtime = detect_runtime()
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if runtime.device_type == "cuda":
+        torch.cuda.set_device(runtime.local_rank)
+    if not dist.is_initialized():
+        timeout = timedelta(seconds=timeout_s)
+        if "MASTER_ADDR" not in os.environ:  # plain `python -m launch.train`: a 1-process group
+            store = dist.HashStore()
+            dist.init_process_group(runtime.backend, store=store, rank=0, world_size=1, timeout=timeout)
+        elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
+            )
+            prefixed = dist.PrefixStore(f"attempt{restarts}", store)
+            dist.init_process_group(runtime.backend, store=prefixed, rank=rank, world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(runtime.backend, rank=rank, world_size=world, timeout=timeout)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=runtime.backend)
+    return DistInfo(rank, world, runtime.local_rank, runtime, restarts)
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few floats over all ranks (float64)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank `src`'s object on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
