@@ -1,0 +1,293 @@
+"""Per-token sparse mixture of experts with DTSI (dense training, sparse inference).
+
+Token position t owns N_e experts e_{t,j} (each D -> k_e D -> D, GELU) and its own routers; its output
+is `v_t = sum_j G_{t,j} e_{t,j}(s_t)`. Expert weights are stacked with the token axis first
+(t x N_e x ...) and built for a list of global token positions, so the trainer can shard experts by
+position across expert-parallel ranks without touching the model (launch/expert_parallel.py).
+
+Routers (per token, batched like the FFN):
+- "relu" (the paper): G = ReLU(h(s)), sparsity from an L1 penalty lambda * sum G whose coefficient is
+  steered by a ReMoE-style controller to `moe.target_activation` (`update_l1`, once per optimizer step).
+- "topk" (the seed article): softmax over the N_e experts, keep the top_k probabilities (not
+  renormalised), zero the rest. No L1 (its sparsity is fixed at top_k / N_e).
+An optional load-balance term (`moe.load_balance`) is the usual differentiable surrogate
+N_e * sum_j f_j P_j per position (f_j: share of routings to expert j, no gradient; P_j: mean normalised
+gate), averaged over positions; it applies to the inference router.
+
+DTSI design (**ours**; the paper does not say how the two routers mix in training). With
+`moe.dtsi = true` each position has a training router h_train and an inference router h_infer. In a
+training forward pass both routers score every sample, and the gates actually used are chosen by
+sample parity: even batch rows route with ReLU(h_train), odd rows with ReLU(h_infer). Why:
+- both routers learn from the task loss on every step (half the rows each), so h_infer does not
+  collapse under the L1 term it alone carries (the bug of public re-implementations);
+- the inference function (h_infer routing, zero-gate experts skipped) is *exactly* the function the odd
+  rows were trained with: there is no train/inference mismatch to calibrate away, which is what keeps
+  the sparse model close to the dense-trained one at low activation;
+- h_train carries no L1, so the even rows keep training the experts densely (experts rarely chosen by
+  h_infer still get gradient, the point of DTSI);
+- it is deterministic (no random draws), so resume is exact.
+The L1 applies to the inference gates of all rows (mean over the batch); the controller measures the
+inference router's activation over all rows. In eval, h_infer routes (`eval_router = "train"` scores
+the dense-training model with h_train instead, for the DTSI comparison).
+
+Legend: B batch, T tokens (all positions), t owned positions, D width, E experts per token,
+H = k_e D expert hidden width, X = E * H.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import MoEConfig
+from model.init import uniform_param
+
+
+def expert_seed(seed: int, layer: int, position: int, expert: int) -> int:
+    """A process-independent 63-bit seed for expert `expert` of token `position` in block `layer`."""
+    digest = hashlib.blake2b(f"{seed}/{layer}/{position}/{expert}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class PerTokenExperts(nn.Module):
+    """The experts of the token positions `positions`: w1 t x E x D x H, b1 t x E x H, w2 t x E x H x D, b2 t x E x D.
+
+    Each (layer, position, expert) is initialised from its own generator seeded by
+    `expert_seed(seed, layer, position, expert)`, so a shard built for positions [2, 3] is bit-identical
+    to positions 2 and 3 of the full build.
+
+    Args:
+        positions: the global token positions these experts belong to (t = len(positions)).
+        num_experts: E.
+        d_model: D.
+        expert_mult: k_e (H = k_e D).
+        layer: block index (part of the init seed).
+        seed: model seed.
+    """
+
+    def __init__(
+        self, positions: list[int], num_experts: int, d_model: int, expert_mult: int, *, layer: int, seed: int
+    ) -> None:
+        super().__init__()
+        if not positions or num_experts < 1 or d_model < 1 or expert_mult < 1:
+            raise ValueError(
+                f"model/moe.py: PerTokenExperts needs positions, moe.num_experts, model.d_model and moe.expert_mult "
+                f">= 1, got {positions}, {num_experts}, {d_model}, {expert_mult}"
+            )
+        self.positions = list(positions)
+        self.num_experts, self.d_model, self.expert_mult = num_experts, d_model, expert_mult
+        self.layer, self.seed = layer, seed
+        t, E, D, H = len(positions), num_experts, d_model, expert_mult * d_model
+        w1, b1 = torch.empty(t, E, D, H), torch.empty(t, E, H)
+        w2, b2 = torch.empty(t, E, H, D), torch.empty(t, E, D)
+        for i, pos in enumerate(self.positions):
+            for j in range(E):
+                gen = torch.Generator().manual_seed(expert_seed(seed, layer, pos, j))
+                for p, fan_in in ((w1, D), (b1, D), (w2, H), (b2, H)):
+                    p[i, j].uniform_(-(fan_in**-0.5), fan_in**-0.5, generator=gen)
+        self.w1, self.b1, self.w2, self.b2 = (nn.Parameter(p) for p in (w1, b1, w2, b2))
+
+    def forward(self, x_BtD: Tensor, gates_BtE: Tensor) -> Tensor:
+        """Dense weighted sum over all experts: two batched matmuls over the token axis.
+
+        Args:
+            x_BtD: B x t x D states of the owned positions (any strides; token-major views are fastest).
+            gates_BtE: B x t x E gates.
+
+        Returns:
+            y_BtD: B x t x D = sum_j gates[..., j] * e_j(x) (a transposed view of token-major storage).
+        """
+        x_tBD, g_tBE = x_BtD.transpose(0, 1), gates_BtE.transpose(0, 1).to(x_BtD.dtype)
+        t, B, D = x_tBD.shape
+        E, H = self.num_experts, self.expert_mult * D
+        w1_tDX = self.w1.permute(0, 2, 1, 3).reshape(t, D, E * H)  # small weight copy, big GEMM
+        h_tBX = F.gelu(torch.baddbmm(self.b1.view(t, 1, E * H), x_tBD, w1_tDX))
+        hg_tBX = (h_tBX.view(t, B, E, H) * g_tBE.unsqueeze(-1)).view(t, B, E * H)
+        bias_tBD = torch.bmm(g_tBE, self.b2)  # sum_j g_j b2_j
+        return torch.baddbmm(bias_tBD, hg_tBX, self.w2.view(t, E * H, D)).transpose(0, 1)
+
+    def forward_sparse(self, x_BtD: Tensor, gates_BtE: Tensor) -> Tensor:
+        """Same result as `forward`, computing only the (sample, token, expert) triples with a non-zero gate.
+
+        Rows are grouped by (position, expert) with one `nonzero`; each group is one gather, two GEMMs
+        and one `index_add_` (a loop over the t x E groups, never over samples).
+
+        Args:
+            x_BtD: B x t x D states.
+            gates_BtE: B x t x E gates.
+
+        Returns:
+            y_BtD: B x t x D.
+        """
+        x_tBD, g_tBE = x_BtD.transpose(0, 1), gates_BtE.transpose(0, 1).to(x_BtD.dtype)
+        t, B, D = x_tBD.shape
+        E = self.num_experts
+        mask_tEB = g_tBE.permute(0, 2, 1) != 0
+        rows = mask_tEB.nonzero()[:, 2]  # sorted by (position, expert, sample)
+        counts = mask_tEB.sum(-1).flatten().tolist()
+        y_tBD = x_tBD.new_zeros(t, B, D)
+        start = 0
+        for group, count in enumerate(counts):
+            if count == 0:
+                continue
+            i, j = divmod(group, E)
+            idx = rows[start : start + count]
+            start += count
+            h = F.gelu(torch.addmm(self.b1[i, j], x_tBD[i].index_select(0, idx), self.w1[i, j]))
+            y = torch.addmm(self.b2[i, j], h, self.w2[i, j]) * g_tBE[i].index_select(0, idx)[:, j : j + 1]
+            y_tBD[i].index_add_(0, idx, y)
+        return y_tBD.transpose(0, 1)
+
+
+def _relu_gates(logits_TBE: Tensor) -> tuple[Tensor, Tensor]:
+    """ReLU routing. Returns (gates, normalised gates for the load-balance term), both T x B x E."""
+    g = F.relu(logits_TBE)
+    return g, g / g.sum(-1, keepdim=True).clamp_min(1e-9)
+
+
+def _topk_gates(logits_TBE: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Softmax top-k routing. Returns (gates with all but the top k zeroed, softmax probabilities)."""
+    probs = logits_TBE.softmax(-1)
+    top_v, top_i = probs.topk(k, dim=-1)
+    return torch.zeros_like(probs).scatter(-1, top_i, top_v), probs
+
+
+class PerTokenMoE(nn.Module):
+    """Replaces a block's per-token FFN: per-token routers (replicated, all T) + `self.experts`.
+
+    Args:
+        num_tokens: T.
+        d_model: D.
+        cfg: the `moe` config.
+        layer: block index (expert init seed).
+        seed: model seed.
+        gen: generator for the router initialisation.
+
+    Attributes:
+        sparse_inference: in eval, skip zero-gate experts (`experts.forward_sparse`); the trainer sets
+            it False under expert parallelism.
+        eval_router: "infer" (default) or "train": which router scores in eval (DTSI comparison).
+        l1_lambda: buffer, the L1 coefficient (checkpointed with the state_dict).
+        last_active: buffer, share of non-zero gates actually used in the last forward (FLOPs counter).
+        train_active: buffer, inference-router activation in the last training forward (controller).
+    """
+
+    def __init__(
+        self, num_tokens: int, d_model: int, cfg: MoEConfig, *, layer: int, seed: int, gen: torch.Generator
+    ) -> None:
+        super().__init__()
+        if cfg.router not in ("relu", "topk"):
+            raise ValueError(f"model/moe.py: moe.router must be 'relu' or 'topk', got {cfg.router!r}")
+        if cfg.router == "topk" and not 1 <= cfg.top_k <= cfg.num_experts:
+            raise ValueError(f"model/moe.py: moe.top_k ({cfg.top_k}) must be in [1, moe.num_experts]")
+        T, D, E = num_tokens, d_model, cfg.num_experts
+        self.cfg, self.num_tokens, self.d_model, self.layer = cfg, T, D, layer
+        self.experts = PerTokenExperts(list(range(T)), E, D, cfg.expert_mult, layer=layer, seed=seed)
+        self.router_infer_w = uniform_param((T, D, E), D, gen)
+        self.router_infer_b = uniform_param((T, 1, E), D, gen)
+        if cfg.dtsi:
+            self.router_train_w = uniform_param((T, D, E), D, gen)
+            self.router_train_b = uniform_param((T, 1, E), D, gen)
+        self.sparse_inference = True
+        self.eval_router = "infer"
+        self.register_buffer("l1_lambda", torch.tensor(float(cfg.l1_init)))
+        self.register_buffer("last_active", torch.tensor(1.0), persistent=False)
+        self.register_buffer("train_active", torch.tensor(-1.0), persistent=False)
+
+    def _gates(self, s_TBD: Tensor, which: str) -> tuple[Tensor, Tensor]:
+        w, b = (
+            (self.router_infer_w, self.router_infer_b)
+            if which == "infer"
+            else (self.router_train_w, self.router_train_b)
+        )
+        logits_TBE = torch.baddbmm(b, s_TBD, w)
+        return _relu_gates(logits_TBE) if self.cfg.router == "relu" else _topk_gates(logits_TBE, self.cfg.top_k)
+
+    def forward(self, s_TBD: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Route and run the experts.
+
+        Args:
+            s_TBD: T x B x D token states (token-major).
+
+        Returns:
+            (v_TBD, reg_loss, stats): T x B x D outputs; scalar L1 (+ load-balance) loss; detached stats
+            "active_T" (T, inference-router activation per position) and "dead_TE" (T x E, 1 = never active).
+        """
+        T, B, _ = s_TBD.shape
+        g_inf_TBE, p_inf_TBE = self._gates(s_TBD, "infer")
+        use_train = self.cfg.dtsi and (self.training or self.eval_router == "train")
+        if use_train:
+            g_tr_TBE, _ = self._gates(s_TBD, "train")
+            if self.training:
+                odd_1B1 = (torch.arange(B, device=s_TBD.device) % 2 == 1).view(1, B, 1)
+                g_TBE = torch.where(odd_1B1, g_inf_TBE, g_tr_TBE)
+            else:
+                g_TBE = g_tr_TBE
+        else:
+            g_TBE = g_inf_TBE
+        x_BTD, g_BTE = s_TBD.transpose(0, 1), g_TBE.transpose(0, 1)
+        if not self.training and self.sparse_inference:
+            v_BTD = self.experts.forward_sparse(x_BTD, g_BTE)
+        else:
+            v_BTD = self.experts(x_BTD, g_BTE)
+
+        routed_TBE = (g_inf_TBE > 0).to(s_TBD.dtype)
+        reg = s_TBD.new_zeros(())
+        if self.cfg.router == "relu":
+            reg = self.l1_lambda * g_inf_TBE.sum(dim=(0, 2)).mean()
+        if self.cfg.load_balance > 0:
+            f_TE = routed_TBE.sum(1) / routed_TBE.sum(dim=(1, 2)).clamp_min(1.0).unsqueeze(-1)
+            balance = self.cfg.num_experts * (f_TE * p_inf_TBE.mean(1)).sum(-1).mean()
+            reg = reg + self.cfg.load_balance * balance
+        with torch.no_grad():
+            active_TE = routed_TBE.mean(1)
+            self.last_active.copy_((g_TBE != 0).to(s_TBD.dtype).mean())
+            if self.training:
+                self.train_active.copy_(active_TE.mean())
+        stats = {"active_T": active_TE.mean(-1), "dead_TE": (active_TE == 0).to(s_TBD.dtype)}
+        return v_BTD.transpose(0, 1), reg, stats
+
+    @torch.no_grad()
+    def update_l1(self, active: float | Tensor | None = None) -> None:
+        """ReMoE-style controller: lambda *= l1_step if activation > target, else lambda /= l1_step.
+
+        Call once per optimizer step. No-op for the top-k router and before the first training forward.
+
+        Args:
+            active: the measured inference-router activation to steer on; default: this layer's
+                `train_active` from the last training forward. Under data parallelism pass the value
+                averaged over ranks so every rank keeps the same lambda.
+        """
+        if self.cfg.router != "relu":
+            return
+        a = self.train_active if active is None else torch.as_tensor(active, dtype=self.l1_lambda.dtype)
+        if float(a) < 0:
+            return
+        step = self.cfg.l1_step
+        self.l1_lambda.mul_(step if float(a) > self.cfg.target_activation else 1.0 / step)
+
+    def flops_per_sample(self, training: bool = False, activation: float | None = None) -> float:
+        """Forward FLOPs per sample: experts at the activated fraction plus the routers.
+
+        Args:
+            training: count the training forward (both DTSI routers).
+            activation: share of (token, expert) pairs computed; default: `last_active` measured in the
+                last forward (1.0 before any forward). Pass 1.0 for the dense training computation.
+        """
+        T, D, E, k_e = self.num_tokens, self.d_model, self.cfg.num_experts, self.cfg.expert_mult
+        a = float(self.last_active) if activation is None else activation
+        routers = 2 if self.cfg.dtsi and (training or self.eval_router == "train") else 1
+        return a * E * 4.0 * k_e * T * D * D + routers * 2.0 * T * D * E
+
+    def expert_params_global(self) -> int:
+        """Parameters of the experts of all T positions (whatever shard `self.experts` holds)."""
+        D, E, H = self.d_model, self.cfg.num_experts, self.cfg.expert_mult * self.d_model
+        return self.num_tokens * E * (2 * D * H + H + D)
+
+
+def moe_layers(model: nn.Module) -> list[PerTokenMoE]:
+    """All PerTokenMoE layers of `model`, in block order."""
+    return [m for m in model.modules() if isinstance(m, PerTokenMoE)]

@@ -1,0 +1,111 @@
+"""Tokenization: the grouped embedding vector of a sample -> T tokens of width D.
+
+    sparse_BE (pooled embeddings, group order) --+
+                                                 +-- cat -> e_BF -> zero-pad to T*d -> T slices of width d
+    dense_BN -> Linear(N -> dense_proj_dim) -----+                     slice t -> Proj_t -> x_t (width D)
+
+The dense features join as a final 'dense' group. Projections are per token by default (one batched
+matmul over the token axis), one shared projection as an option; an optional learnable token position
+embedding is added last. The tokens are computed token-major (T x B x D storage) because every later
+per-token matmul wants that layout; `forward` returns the B x T x D *view* of it, which costs nothing,
+and `forward_TBD` the token-major tensor itself.
+
+Initialisation draws from a local `torch.Generator` only (see `model.init`).
+
+Legend: B batch, E pooled-embedding width, N dense features, F = E + dense width, T tokens, d slice width,
+D token width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from model.config import ModelConfig
+from model.init import uniform_param
+
+
+class Tokenizer(nn.Module):
+    """sparse_BE (B x E) + dense_BN (B x N) -> x_BTD (B x T x D).
+
+    Args:
+        sparse_dim: E, width of the pooled embeddings concatenated in semantic-group order.
+        num_dense: N, number of raw dense features (0: no dense group).
+        cfg: the `model` config (num_tokens, d_model, dense_proj_dim, shared_projection, token_pos_emb).
+        gen: generator for the initialisation (default: a fresh one seeded with 0).
+
+    Example:
+        >>> tok = Tokenizer(40, 3, ModelConfig(num_tokens=4, d_model=8, dense_proj_dim=4))
+        >>> tok(torch.randn(2, 40), torch.randn(2, 3)).shape
+        torch.Size([2, 4, 8])
+    """
+
+    def __init__(self, sparse_dim: int, num_dense: int, cfg: ModelConfig, gen: torch.Generator | None = None) -> None:
+        super().__init__()
+        if sparse_dim < 0 or num_dense < 0 or sparse_dim + num_dense == 0:
+            raise ValueError(
+                f"model/tokenizer.py: need sparse_dim >= 0, num_dense >= 0 and at least one input, "
+                f"got sparse_dim={sparse_dim}, num_dense={num_dense}"
+            )
+        if num_dense > 0 and cfg.dense_proj_dim < 1:
+            raise ValueError(f"model/tokenizer.py: model.dense_proj_dim must be >= 1, got {cfg.dense_proj_dim}")
+        gen = gen if gen is not None else torch.Generator().manual_seed(0)
+        T, D = cfg.num_tokens, cfg.d_model
+        self.sparse_dim, self.num_dense, self.num_tokens, self.d_model = sparse_dim, num_dense, T, D
+        self.dense_width = cfg.dense_proj_dim if num_dense > 0 else 0
+        self.in_width = sparse_dim + self.dense_width  # F
+        self.slice_width = math.ceil(self.in_width / T)  # d
+        self.shared = cfg.shared_projection
+        if num_dense > 0:
+            self.dense_w = uniform_param((num_dense, self.dense_width), num_dense, gen)
+            self.dense_b = uniform_param((self.dense_width,), num_dense, gen)
+        d = self.slice_width
+        n_proj = 1 if self.shared else T
+        self.proj_w = uniform_param((n_proj, d, D), d, gen)  # token-major: T x d x D
+        self.proj_b = uniform_param((n_proj, 1, D), d, gen)
+        self.pos_TD = nn.Parameter(torch.zeros(T, D)) if cfg.token_pos_emb else None
+
+    def forward_TBD(self, sparse_BE: Tensor, dense_BN: Tensor) -> Tensor:
+        """Tokens in token-major storage.
+
+        Args:
+            sparse_BE: B x E pooled embeddings in semantic-group order.
+            dense_BN: B x N raw dense features.
+
+        Returns:
+            x_TBD: T x B x D (contiguous).
+        """
+        if sparse_BE.dim() != 2 or sparse_BE.shape[1] != self.sparse_dim:
+            raise ValueError(
+                f"model/tokenizer.py: expected sparse_BE of shape B x {self.sparse_dim}, got {tuple(sparse_BE.shape)}"
+            )
+        if dense_BN.dim() != 2 or dense_BN.shape[1] != self.num_dense or dense_BN.shape[0] != sparse_BE.shape[0]:
+            raise ValueError(
+                f"model/tokenizer.py: expected dense_BN of shape {sparse_BE.shape[0]} x {self.num_dense}, "
+                f"got {tuple(dense_BN.shape)}"
+            )
+        B, T, d = sparse_BE.shape[0], self.num_tokens, self.slice_width
+        parts = [sparse_BE]
+        if self.num_dense > 0:
+            parts.append(torch.addmm(self.dense_b, dense_BN.to(sparse_BE.dtype), self.dense_w))
+        pad = T * d - self.in_width
+        if pad:
+            parts.append(sparse_BE.new_zeros(B, pad))
+        e_TBd = torch.cat(parts, dim=1).view(B, T, d).transpose(0, 1)
+        if self.shared:
+            x_TBD = torch.addmm(self.proj_b[0], e_TBd.reshape(T * B, d), self.proj_w[0]).view(T, B, -1)
+        else:
+            x_TBD = torch.baddbmm(self.proj_b, e_TBd, self.proj_w)
+        if self.pos_TD is not None:
+            x_TBD = x_TBD + self.pos_TD.unsqueeze(1)
+        return x_TBD
+
+    def forward(self, sparse_BE: Tensor, dense_BN: Tensor) -> Tensor:
+        """Args: sparse_BE: B x E, dense_BN: B x N. Returns x_BTD: B x T x D (a view of token-major storage)."""
+        return self.forward_TBD(sparse_BE, dense_BN).transpose(0, 1)
+
+    def flops_per_sample(self) -> float:
+        """Forward matmul FLOPs per sample (multiply-add = 2)."""
+        return 2.0 * (self.num_dense * self.dense_width + self.num_tokens * self.slice_width * self.d_model)
