@@ -34,6 +34,9 @@ class DistInfo:
 
 def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     """Join the job's process group (cuda + nccl or cpu + gloo, decided by launch.env)."""
+    if "MASTER_ADDR" not in os.environ:  # plain `python -m launch.train`: one process, no torchrun
+        for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):
+            os.environ.setdefault(k, v)
     runtime = detect_runtime()
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -42,7 +45,7 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
         torch.cuda.set_device(runtime.local_rank)
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
-        if "MASTER_ADDR" not in os.environ:  # plain `python -m launch.train`: a 1-process group
+        if "MASTER_ADDR" not in os.environ:
             store = dist.HashStore()
             dist.init_process_group(runtime.backend, store=store, rank=0, world_size=1, timeout=timeout)
         elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":

@@ -73,6 +73,10 @@ class ExpertParallelExperts(MoE):
             p.allreduce = False
             p.group_name = self.expert_group_name
 
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Called by the DeepSpeed engine; our groups already exist (created in __init__)."""
+        create_ep_groups(self.ep_size)
+
     @property
     def positions(self) -> list[int]:
         return self.local.positions
