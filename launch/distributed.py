@@ -26,6 +26,8 @@ class DistInfo:
     local_rank: int
     runtime: Runtime
     restart_count: int
+    owns_group: bool = True
+    """Whether init_distributed created the process group (and so the entry point destroys it)."""
 
     @property
     def is_main(self) -> bool:
@@ -43,7 +45,8 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if runtime.device_type == "cuda":
         torch.cuda.set_device(runtime.local_rank)
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         timeout = timedelta(seconds=timeout_s)
         if "MASTER_ADDR" not in os.environ:
             store = dist.HashStore()
@@ -59,7 +62,7 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=runtime.backend)
-    return DistInfo(rank, world, runtime.local_rank, runtime, restarts)
+    return DistInfo(rank, world, runtime.local_rank, runtime, restarts, owns_group)
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
             print_summary(summary)
         return summary
     finally:
-        destroy()
+        if info.owns_group:
+            destroy()
 
 
 def print_summary(summary: dict) -> None:

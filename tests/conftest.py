@@ -24,3 +24,13 @@ def dist_pool():
 @pytest.fixture(autouse=True)
 def _quiet_wandb(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", os.environ.get("WANDB_MODE", "offline"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> str:
+    """The synthetic click log (frozen schema of configs/tiny.toml), 6k rows in 3 uneven files."""
+    from pipeline.synth import main as synth_main
+
+    out = tmp_path_factory.mktemp("tiny_data")
+    synth_main(["--out", str(out), "--rows", "6000", "--files", "3", "--seed", "1", "--row-group-size", "700"])
+    return str(out)
