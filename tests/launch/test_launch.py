@@ -1,0 +1,142 @@
+"""The real launcher: `launch/train.sh` (torchrun) on 2 processes, two agents as two nodes, and an
+elastic restart after kill -9 of one rank. Subprocess tests: each pays the torch + torchrec +
+deepspeed import, so there are only these few."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.dist_pool import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def train_sh(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.Popen(
+        ["bash", str(REPO / "launch" / "train.sh"), str(REPO / "configs" / "tiny.toml"), *args],
+        cwd=REPO,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def data_args(data: str, out: Path, *extra: str) -> list[str]:
+    return ["--data.train", f"{data}/train", "--data.eval", f"{data}/eval", "--training.output_dir", str(out), *extra]
+
+
+def losses(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            out[row["step"]] = row["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_node_run(tiny_data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("single") / "run"
+    out = finish(train_sh(data_args(tiny_data, run, "--training.log_every", "2", "--parallelism.ep_size", "2")))
+    assert "== eval ==" in out and "click" in out
+    return run
+
+
+def test_two_process_torchrun_launch(single_node_run: Path) -> None:
+    summary = json.loads((single_node_run / "summary.json").read_text())
+    assert summary["steps"] == 20 and summary["world_size"] == 2 and summary["ep_size"] == 2
+    assert summary["rows_consumed"] == 20 * 64 * 2
+    assert summary["expert_params_per_rank"] > 0
+    plan = json.loads((single_node_run / "sharding_plan.json").read_text())
+    assert {r for t in plan["tables"].values() for r in t["ranks"]} == {0, 1}, "tables must live on both ranks"
+
+
+def test_two_nodes_train_like_one(single_node_run: Path, tiny_data, tmp_path) -> None:
+    run = tmp_path / "two_nodes"
+    env = {"NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env["OMP_NUM_THREADS"] = "1"  # the threads per rank of the single-node run
+    args = data_args(tiny_data, run, "--training.log_every", "2", "--parallelism.ep_size", "2")
+    nodes = [train_sh(args, {**env, "NODE_RANK": str(i), "RDZV_ID": f"t{os.getpid()}"}) for i in range(2)]
+    for p in nodes:
+        finish(p)
+    # Same steps, same data, same numbers up to float rounding: within a node DeepSpeed all-reduces
+    # through its shared-memory op, across nodes through gloo, which sum in a different order (~1e-7).
+    two, one = losses(run), losses(single_node_run)
+    assert two.keys() == one.keys()
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5), step
+    a = json.loads((run / "summary.json").read_text())
+    b = json.loads((single_node_run / "summary.json").read_text())
+    assert a["rows_consumed"] == b["rows_consumed"] and a["steps"] == b["steps"]
+    for task in b["eval"]:
+        assert a["eval"][task]["auc"] == pytest.approx(b["eval"][task]["auc"], abs=1e-4)
+
+
+def _workers(agent_pid: int) -> list[int]:
+    """PIDs of the training ranks under a torchrun agent."""
+    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
+    children: dict[int, list[tuple[int, str]]] = {}
+    for line in out.splitlines()[1:]:
+        pid, ppid, args = line.split(None, 2)
+        children.setdefault(int(ppid), []).append((int(pid), args))
+    found, todo = [], [agent_pid]
+    while todo:
+        for pid, args in children.get(todo.pop(), []):
+            todo.append(pid)
+            if "launch.train" in args and "torch.distributed.run" not in args:
+                found.append(pid)
+    return found
+
+
+def test_elastic_restart_after_kill9_consumes_every_row_once(tmp_path) -> None:
+    from pipeline.synth import main as synth
+
+    data = tmp_path / "data"
+    synth(["--out", str(data), "--rows", "40000", "--files", "4", "--seed", "2", "--row-group-size", "3000"])
+    run = tmp_path / "elastic"
+    args = data_args(
+        str(data),
+        run,
+        "--training.steps",
+        "0",
+        "--training.epochs",
+        "1",
+        "--training.checkpoint_every",
+        "40",
+        "--training.log_every",
+        "20",
+        "--training.eval_batches",
+        "2",
+        "--data.drop_last",
+        "false",
+    )
+    proc = train_sh(args, {"MAX_RESTARTS": "3"})
+    deadline = time.time() + 240
+    while not list((run / "checkpoints").glob("step_00000040")) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        time.sleep(0.2)
+    victims = _workers(proc.pid)
+    assert len(victims) == 2, victims
+    os.kill(victims[1], signal.SIGKILL)
+    out = finish(proc, timeout=300)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["restarts"] >= 1, out[-3000:]
+    assert summary["resumed_from"] and "step_" in summary["resumed_from"]
+    audit = summary["audit"]
+    assert audit["exactly_once"] is True, audit
+    assert audit["epochs"][0]["count"] == audit["dataset"]["count"] == summary["rows_consumed"]
