@@ -24,13 +24,18 @@ def main(argv: list[str] | None = None) -> dict:
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
 
+    from launch.checkpoint import CheckpointError
     from launch.distributed import init_distributed
     from launch.trainer import Trainer, destroy
+    from pipeline.errors import DataError
 
     info = init_distributed()
     try:
-        trainer = Trainer(cfg, info)
-        summary = trainer.fit()
+        try:
+            trainer = Trainer(cfg, info)
+            summary = trainer.fit()
+        except (CheckpointError, DataError) as e:  # one line naming the file / key, no traceback
+            raise SystemExit(f"error: {e}") from None
         if info.is_main:
             print_summary(summary)
         return summary

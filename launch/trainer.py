@@ -211,9 +211,19 @@ class Trainer:
             "epoch": self.epoch,
             "audits": [dict(a) for a in self.audits],
             "loader": self.loader.state_dict(),
+            # the epoch a re-layout (another world size) starts with, when saved at an epoch boundary
+            "next_epoch": (
+                self.loader.epoch
+                if self.loader.batches_done == 0
+                else self.loader.epoch + 1
+                if self.loader.batches_done >= len(self.loader)
+                else None
+            ),
         }
 
     def save(self) -> Path:
+        if self.loader.batches_done >= len(self.loader):
+            self._record_audit()  # an epoch-end checkpoint carries that epoch's audit even across a re-layout
         return save_checkpoint(
             self.ckpt_root,
             step=self.step,
@@ -245,12 +255,16 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.audits = [dict(a) for a in state["audits"]]
         if state["loader"] is None:
-            if self.step % self.steps_per_epoch != 0:
+            # Another world size: the loader position is per rank, so only an epoch boundary can move.
+            if state["next_epoch"] is None:
                 raise CheckpointError(
                     f"{path}: saved mid-epoch on world_size={meta.world_size}; the data-loader position is per rank, "
                     f"so resume it on {meta.world_size} processes (a checkpoint at an epoch boundary resumes on any)"
                 )
+            self.epoch = int(state["next_epoch"])
             self.loader.set_epoch(self.epoch)
+            if self.cfg.training.steps == 0:  # epochs mode: the remaining epochs at this world size's step count
+                self.total_steps = self.step + (self.cfg.training.epochs - self.epoch) * self.steps_per_epoch
         else:
             self.loader.load_state_dict(state["loader"])
         self.resumed_from = str(path)
@@ -258,6 +272,15 @@ class Trainer:
             print(f"[resume] {path} at step {self.step}, epoch {self.epoch}", flush=True)
 
     # ------------------------------------------------------------------ the loop
+
+    def _record_audit(self) -> None:
+        """Append (or refresh) the audit of the loader's current epoch, reduced over ranks. Collective."""
+        audit = self._global_audit()
+        audit["complete"] = int(self.loader.batches_done >= len(self.loader))
+        if self.audits and self.audits[-1]["epoch"] == audit["epoch"]:
+            self.audits[-1] = audit
+        else:
+            self.audits.append(audit)
 
     def _global_audit(self) -> dict[str, int]:
         a = self.loader.audit()
@@ -270,7 +293,6 @@ class Trainer:
         wall0 = time.perf_counter()
         last_eval: dict[str, dict[str, float]] = {}
         timer_t0, timer_steps, train_time = time.perf_counter(), 0, 0.0
-        self.loader.set_epoch(self.epoch) if self.resumed_from is None else None
         while self.step < self.total_steps:
             for batch in self.loader:
                 batch = batch.to(self.device, non_blocking=True)
@@ -291,17 +313,12 @@ class Trainer:
                     timer_t0 = time.perf_counter()
                 if done:
                     break
-            if self.step % self.steps_per_epoch == 0 or self.step >= self.total_steps:
-                # End of an epoch (or of the run): audit what this epoch consumed on every rank.
-                audit = self._global_audit()
-                audit["complete"] = int(self.step % self.steps_per_epoch == 0)
-                if not self.audits or self.audits[-1]["epoch"] != audit["epoch"]:
-                    self.audits.append(audit)
-                else:
-                    self.audits[-1] = audit
-                if self.step % self.steps_per_epoch == 0:
-                    self.epoch += 1
-                    self.loader.set_epoch(self.epoch)
+            epoch_done = self.loader.batches_done >= len(self.loader)
+            if epoch_done or self.step >= self.total_steps:
+                self._record_audit()  # what this epoch consumed on every rank (all of it when epoch_done)
+            if epoch_done:
+                self.epoch += 1
+                self.loader.set_epoch(self.epoch)
         final_eval = self.evaluate() if self.eval_plan is not None else last_eval
         self.save()
         summary = self._summary(final_eval, time.perf_counter() - wall0, train_time)
