@@ -1,0 +1,195 @@
+"""Training throughput and a step-time breakdown on the default config, 1 and 2 processes.
+
+    python -m bench.train [--json FILE] [--rows N] [--steps N] [--no-jit]
+
+Generates its own data (default schema of pipeline.synth), runs `launch/train.sh`-equivalent torchrun
+jobs of this module's worker on 1 and 2 processes (same threads in total), and times each phase of
+a training step with wall clocks between synchronisation points:
+
+    data       next batch from the loader (+ host-to-device copy)
+    sparse     TorchRec lookup + the pooled all-to-all (DMP forward) + regroup
+    dense_fwd  the DeepSpeed engine's forward (of which expert_a2a: the expert all-to-alls) + loss
+    backward   engine.backward: dense + expert all-to-all backward + embedding backward with the
+               fused sparse optimizer + DeepSpeed's gradient all-reduce
+    optimizer  global-norm clip + engine.step + L1 controller
+
+Also times the JIT build of DeepSpeed's CPU comm op into an empty extensions folder (what a run
+would pay without `make install`'s pre-build). Figures of one run, side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PHASES = ("data", "sparse", "dense_fwd", "backward", "optimizer")
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank: build the real Trainer from configs/default.toml, time `steps` steps after warmup."""
+    from launch.env import setup_env
+
+    setup_env()
+    import torch
+
+    from launch import expert_parallel
+    from launch.config import load_config
+    from launch.dense_engine import clip_grad_norm_
+    from launch.distributed import all_reduce_sum, init_distributed
+    from launch.trainer import Trainer, destroy
+    from model.output import task_loss
+
+    a2a_time = [0.0]
+    original_a2a = expert_parallel._a2a
+
+    def timed_a2a(x, group):
+        t0 = time.perf_counter()
+        y = original_a2a(x, group)
+        a2a_time[0] += time.perf_counter() - t0
+        return y
+
+    expert_parallel._a2a = timed_a2a
+    info = init_distributed()
+    overrides = [
+        "--config", str(REPO / "configs" / "default.toml"),
+        "--data.train", f"{args.data}/train", "--data.eval", "",
+        "--training.output_dir", args.out, "--metrics.wandb", "false", "--training.resume", "never",
+        *args.overrides,
+    ]  # fmt: skip
+    cfg = load_config(overrides, world_size=info.world_size)
+    tr = Trainer(cfg, info)
+    times = dict.fromkeys(PHASES, 0.0)
+    a2a_measured = 0.0
+    it = iter(tr.loader)
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            times = dict.fromkeys(PHASES, 0.0)
+            a2a_time[0] = 0.0
+        t0 = time.perf_counter()
+        batch = next(it).to(tr.device)
+        t1 = time.perf_counter()
+        kt = tr.dmp(batch.sparse)
+        kt = kt.wait() if hasattr(kt, "wait") else kt
+        from embeddings import pooled_to_model_input
+
+        sparse_BE = pooled_to_model_input(kt, cfg.features)
+        t2 = time.perf_counter()
+        out = tr.engine(sparse_BE, batch.dense)
+        loss = task_loss(out.logits_BK, batch.labels, batch.weights)[0] + out.reg_loss
+        t3 = time.perf_counter()
+        tr.engine.backward(loss)
+        t4 = time.perf_counter()
+        clip_grad_norm_(tr.model, cfg.training.grad_clip)
+        tr.engine.step()
+        for layer in tr.moe:
+            layer.update_l1()
+        if tr.device.type == "cuda":
+            torch.cuda.synchronize()
+        t5 = time.perf_counter()
+        for k, (s, e) in zip(PHASES, ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5))):
+            times[k] += e - s
+    a2a_measured = a2a_time[0]
+    total = sum(times.values())
+    sums = all_reduce_sum([times[k] for k in PHASES] + [a2a_measured, total], torch.device("cpu"))
+    world = info.world_size
+    if info.is_main:
+        per_step = {k: v / world / args.steps for k, v in zip(PHASES, sums[: len(PHASES)])}
+        step_s = sums[-1] / world / args.steps
+        result = {
+            "world_size": world,
+            "batch_per_rank": cfg.data.batch_size,
+            "step_s": step_s,
+            "samples_per_s": world * cfg.data.batch_size / step_s,
+            "breakdown_s": per_step,
+            "expert_a2a_fwd_s": sums[len(PHASES)] / world / args.steps,
+            "params": tr.params,
+            "threads_per_rank": torch.get_num_threads(),
+        }
+        Path(args.result).write_text(json.dumps(result))
+    if info.owns_group:
+        destroy()
+
+
+def run(world: int, data: str, steps: int, warmup: int, overrides: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // world)), "PYTHONPATH": str(REPO)}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
+        cmd += ["-m", "bench.train", "--worker", "--data", data, "--out", f"{tmp}/run", "--result", str(result)]
+        cmd += ["--steps", str(steps), "--warmup", str(warmup), "--", *overrides]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench.train worker (world {world}) failed:\n{proc.stderr[-3000:]}")
+        return json.loads(result.read_text())
+
+
+def jit_build_seconds() -> float:
+    """Seconds to JIT-build DeepSpeed's CPU comm op into an empty extensions folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": tmp}
+        code = (
+            "from deepspeed.accelerator import get_accelerator as g; "
+            "g().create_op_builder('ShareMemCommBuilder').load()"
+        )
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+        return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n")[0])
+    p.add_argument("--json", default="", help="write the figures here")
+    p.add_argument("--rows", type=int, default=150_000, help="rows of generated data")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--no-jit", action="store_true", help="skip timing the DeepSpeed op JIT build")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--data", default="", help=argparse.SUPPRESS)
+    p.add_argument("--out", default="", help=argparse.SUPPRESS)
+    p.add_argument("--result", default="", help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="--section.field value overrides after --")
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return {}
+    from pipeline.synth import main as synth
+
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        synth(["--out", tmp, "--rows", str(args.rows), "--files", "4", "--seed", "0"])
+        for name, world, extra in (
+            ("dense_1proc", 1, []),
+            ("dense_2proc", 2, []),
+            ("moe_ep2_2proc", 2, ["--moe.enabled", "true", "--parallelism.ep_size", "2"]),
+        ):
+            results[name] = run(world, tmp, args.steps, args.warmup, [*args.overrides, *extra])
+    if not args.no_jit:
+        results["deepspeed_op_jit_build_s"] = jit_build_seconds()
+    results["scaling_2proc_vs_1proc"] = (
+        results["dense_2proc"]["samples_per_s"] / results["dense_1proc"]["samples_per_s"]
+    )
+    print(f"{'run':16s} {'samples/s':>10s} {'step ms':>8s} " + " ".join(f"{k:>10s}" for k in PHASES) + "  expert_a2a")
+    for name in ("dense_1proc", "dense_2proc", "moe_ep2_2proc"):
+        r = results[name]
+        cells = " ".join(f"{1000 * r['breakdown_s'][k]:10.1f}" for k in PHASES)
+        a2a = 1000 * r["expert_a2a_fwd_s"]
+        print(f"{name:16s} {r['samples_per_s']:10.0f} {1000 * r['step_s']:8.1f} {cells}  {a2a:9.1f}")
+    if "deepspeed_op_jit_build_s" in results:
+        print(
+            f"DeepSpeed CPU comm op JIT build: {results['deepspeed_op_jit_build_s']:.1f} s (paid once by make install)"
+        )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
