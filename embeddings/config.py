@@ -10,12 +10,14 @@ class EmbeddingsConfig:
     """TorchRec embedding tables: sharding, optimizer, collision handling."""
 
     sharding: str = "auto"
-    """Sharding type for every table: 'auto' (the planner chooses among the types that work here),
-    'table_wise', 'row_wise', 'column_wise', 'data_parallel'."""
+    """Sharding type for every table: 'auto' (the planner chooses among the types that work on this
+    device), 'table_wise', 'row_wise', 'column_wise', 'table_row_wise', 'table_column_wise', or
+    'grid_shard' (CUDA only). 'data_parallel' is not offered: the fused optimizer would not update it."""
     table_sharding: dict[str, str] = field(default_factory=dict)
     """Per-table override of `sharding`, e.g. {item = "row_wise"}."""
     optimizer: str = "rowwise_adagrad"
-    """Sparse optimizer fused into backward: 'rowwise_adagrad', 'adagrad', 'sgd', 'adam'."""
+    """Sparse optimizer fused into backward: 'rowwise_adagrad', 'adagrad', 'sgd', or 'adam' (CUDA only:
+    FBGEMM's CPU kernels support the other three)."""
     lr: float = 0.05
     """Sparse learning rate (peak; follows the training schedule's shape)."""
     eps: float = 1e-8

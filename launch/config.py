@@ -307,7 +307,11 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
     _choice(t.dtype, ("fp32", "bf16"), "training.dtype")
     _choice(d.on_bad_file, ("error", "skip"), "data.on_bad_file")
     _choice(cfg.metrics.wandb_mode, ("offline", "online", "disabled"), "metrics.wandb_mode")
-    sharding_types = ("auto", "table_wise", "row_wise", "column_wise", "data_parallel")
+    # data_parallel is left out: TorchRec gives such tables the dense kernel and the fused optimizer
+    # never updates them (see embeddings/sharding.py); grid_shard is CUDA-only (checked at sharding time).
+    sharding_types = (
+        "auto", "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "grid_shard",
+    )  # fmt: skip
     _choice(cfg.embeddings.sharding, sharding_types, "embeddings.sharding")
     _choice(cfg.embeddings.optimizer, ("rowwise_adagrad", "adagrad", "sgd", "adam"), "embeddings.optimizer")
     for pos in ("num_tokens", "d_model", "num_layers", "ffn_mult"):

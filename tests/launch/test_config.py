@@ -12,7 +12,7 @@ from launch.config import ConfigError, JobConfig, load_config
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-@pytest.mark.parametrize("name", ["tiny", "default", "rankmixer_100m", "study"])
+@pytest.mark.parametrize("name", ["tiny", "default", "rankmixer_100m"])
 def test_shipped_configs_load(name: str) -> None:
     path = CONFIGS / f"{name}.toml"
     if not path.exists():

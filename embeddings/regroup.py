@@ -1,0 +1,59 @@
+"""Pooled embeddings -> the model's input vector, by feature NAME in semantic group order.
+
+The pooled KeyedTensor's key order depends on the sharding plan (table-wise gave f0, f2, f1, f3), so
+nothing here reads it by position: `KeyedTensor.regroup` picks slices by key.
+
+Legend: B batch, E sum of the feature embedding widths (`sparse_dim`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedTensor
+
+from pipeline.config import FeaturesConfig
+
+
+def feature_order(features: FeaturesConfig) -> list[str]:
+    """Sparse feature names in model order: `features.groups` order, config order within a group.
+
+    Raises:
+        ValueError: a feature's group is not in `features.groups`.
+    """
+    for i, f in enumerate(features.sparse):
+        if f.group not in features.groups:
+            raise ValueError(
+                f"features.sparse[{i}] (name '{f.name}'): group '{f.group}' is not in features.groups {features.groups}"
+            )
+    return [f.name for g in features.groups for f in features.sparse if f.group == g]
+
+
+def sparse_dim(features: FeaturesConfig) -> int:
+    """E: width of `pooled_to_model_input`'s output (sum of every sparse feature's dim)."""
+    return sum(f.dim for f in features.sparse)
+
+
+def group_dims(features: FeaturesConfig) -> list[tuple[str, int]]:
+    """(group, width) per group in `features.groups` order: the column blocks of the B x E input."""
+    return [(g, sum(f.dim for f in features.sparse if f.group == g)) for g in features.groups]
+
+
+def pooled_to_model_input(kt: KeyedTensor, features: FeaturesConfig) -> torch.Tensor:
+    """Regroup pooled embeddings by feature name into one B x E tensor in `feature_order`.
+
+    Args:
+        kt: the sparse arch's output (B x dim per feature, any key order; a LazyAwaitable is waited).
+        features: the features section.
+
+    Returns:
+        x_BE: [feature_order(features)[0] | [1] | ...] concatenated along dim 1.
+
+    Raises:
+        KeyError: a configured feature is missing from `kt` (names the feature).
+    """
+    order = feature_order(features)
+    keys = set(kt.keys())
+    for name in order:
+        if name not in keys:
+            raise KeyError(f"pooled embeddings have no key '{name}' (features.sparse); keys: {sorted(keys)}")
+    return KeyedTensor.regroup([kt], [order])[0]
