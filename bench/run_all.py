@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = ("pipeline", "model", "train")
+BENCHES = ("pipeline", "model", "train", "serve")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,388 @@
+"""The inference model shared by `launch.evaluate`, `launch.export`, `launch.predict` and `bench.serve`.
+
+    run dir --latest complete checkpoint--> tables (DCP, read without a process group) + dense weights
+        (dense.safetensors + every experts_ep<p>.safetensors merged by token position)
+    --> InferenceModel = SparseArch (unsharded tables; fp32, or TorchRec's INT8 quantized EBC)
+                         + the zoo model in eval mode with the sparse-inference router
+                           (PerTokenMoE.sparse_inference = True: zero-gate experts are not computed)
+    forward(kjt, dense_BN) -> probs_BK
+
+Nothing here needs a process group, DeepSpeed or the trainer: a fresh process loads an artifact with
+model/, embeddings/ and pipeline/ only. Every load is safetensors or JSON; the one exception is
+reading a *training checkpoint's* sparse/ directory, whose DCP `.metadata` torch unpickles itself
+(the same read the trainer's resume does; tensors come through `torch.load(weights_only=True)`).
+
+Legend: B batch, E pooled-embedding width, N dense features, K tasks, R table rows, D table width.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embeddings import build_sparse_arch, pooled_to_model_input, sparse_dim, table_specs
+from embeddings.tables import SparseArch, TableSpec
+from launch.config import ConfigError, JobConfig, load_config
+from model.moe import moe_layers
+from model.zoo import build_model
+from pipeline.batch import Batch
+
+CONFIG_FILE = "config.toml"
+META = "meta.json"  # launch.checkpoint.META; not imported, so that loading an artifact never imports DeepSpeed
+
+
+class ServingError(RuntimeError):
+    """A run, checkpoint or artifact is missing or unusable; the message names the path."""
+
+
+# ----------------------------------------------------------------------------------------- runs
+
+
+def load_run_config(path: Path, overrides: list[str] | None = None) -> JobConfig:
+    """The resolved config saved in a run directory (or an artifact), with `--section.field value` overrides.
+
+    Experts are always loaded whole (merged from every expert-parallel shard), so `parallelism.ep_size`
+    is reset to 1: the file's value only described how training was laid out.
+
+    Raises:
+        ServingError: the directory or its config.toml is missing, or the config is invalid.
+    """
+    if not path.is_dir():
+        raise ServingError(f"{path}: no such run directory")
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        raise ServingError(f"{file}: missing (is {path} a run directory written by launch.train?)")
+    try:
+        return load_config(["--config", str(file), "--parallelism.ep_size", "1", *(overrides or [])], world_size=1)
+    except ConfigError as e:
+        raise ServingError(f"{file}: {e}") from None
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The newest complete checkpoint under `run_dir/checkpoints` (ServingError naming the folder if none)."""
+    from launch.checkpoint import complete_checkpoints
+
+    root = run_dir / "checkpoints"
+    found = complete_checkpoints(root)
+    if not found:
+        raise ServingError(f"{root}: no complete checkpoint (a step_* folder with {META})")
+    return found[-1]
+
+
+def check_checkpoint(path: Path) -> Path:
+    """`path` if it is a complete checkpoint, else ServingError naming it."""
+    if not (path / META).is_file():
+        raise ServingError(f"{path}: not a complete checkpoint (no {META})")
+    return path
+
+
+def _supported(cfg: JobConfig) -> None:
+    if cfg.embeddings.managed_collision:
+        raise ServingError(
+            f"embeddings.managed_collision = {cfg.embeddings.managed_collision}: serving these tables is not supported "
+            "(their id remappers are saved per row-wise shard and cannot be merged into one unsharded table)"
+        )
+
+
+def read_tables(ckpt: Path, specs: list[TableSpec]) -> dict[str, Tensor]:
+    """Full (unsharded) fp32 tables {table: R x D} from the checkpoint's DCP directory, in this process only.
+
+    DCP reshards on load: whatever plan and world size wrote the shards, each table is read into one
+    plain tensor. No process group is used (`no_dist=True`), so every rank of a job may call it.
+    """
+    sparse = ckpt / "sparse"
+    if not (sparse / ".metadata").is_file():
+        raise ServingError(f"{sparse}: no DCP .metadata (not a sparse checkpoint)")
+    state = {f"model.ebc.embedding_bags.{s.name}.weight": torch.empty(s.num_embeddings, s.dim) for s in specs}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to load in a single process": it is
+        try:
+            dcp.load(state, checkpoint_id=str(sparse), no_dist=True)
+        except Exception as e:  # noqa: BLE001 - DCP raises CheckpointException / RuntimeError variants
+            raise ServingError(f"{sparse}: cannot read the tables ({str(e).splitlines()[0]})") from None
+    return {s.name: state[f"model.ebc.embedding_bags.{s.name}.weight"] for s in specs}
+
+
+def read_dense_state(ckpt: Path, model: nn.Module) -> dict[str, Tensor]:
+    """Dense weights for an unsharded `model`: dense.safetensors plus every experts_ep<p> shard merged.
+
+    Each shard holds the experts of some token positions (its `positions` metadata); stacking them by
+    position gives the full `T x E x ...` expert tensors whatever ep_size wrote them.
+
+    Returns:
+        {key of model.state_dict(): tensor}, every key of the model present.
+    """
+    dense_file = ckpt / "dense.safetensors"
+    if not dense_file.is_file():
+        raise ServingError(f"{dense_file}: missing")
+    state = load_file(str(dense_file))
+    layers = moe_layers(model)
+    if layers:
+        by_pos: dict[tuple[int, str], dict[int, Tensor]] = {}
+        files = sorted(ckpt.glob("experts_ep*.safetensors"))
+        if not files:
+            raise ServingError(f"{ckpt}: no experts_ep*.safetensors although the model has MoE layers")
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                positions = json.loads(h.metadata()["positions"])
+                for key in h.keys():
+                    layer_s, name = key.split(".", 1)
+                    i = int(layer_s[len("layer") :])
+                    t = h.get_tensor(key)
+                    for j, pos in enumerate(positions[i]):
+                        by_pos.setdefault((i, name), {})[pos] = t[j]
+        prefix = {id(m): n for n, m in model.named_modules()}
+        for i, layer in enumerate(layers):
+            for name, _ in layer.experts.named_parameters():
+                have = by_pos.get((i, name), {})
+                lacking = [p for p in range(layer.num_tokens) if p not in have]
+                if lacking:
+                    raise ServingError(f"{ckpt}: expert shards lack layer {i} '{name}' positions {lacking}")
+                state[f"{prefix[id(layer)]}.experts.{name}"] = torch.stack([have[p] for p in range(layer.num_tokens)])
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ServingError(
+            f"{dense_file}: weights do not fit the config's model (missing {missing[:3]}, extra {unexpected[:3]})"
+        )
+    return state
+
+
+# ----------------------------------------------------------------------------------------- model
+
+
+def build_dense(cfg: JobConfig) -> nn.Module:
+    """The zoo model of `cfg` with full (unsharded) experts, in eval mode, sparse-inference router on."""
+    f = cfg.features
+    model = build_model(
+        cfg.model, cfg.moe, sparse_dim=sparse_dim(f), num_dense=len(f.dense), num_tasks=len(f.labels), seed=0
+    )
+    set_sparse_inference(model, True)
+    return model.eval().requires_grad_(False)
+
+
+def set_sparse_inference(model: nn.Module, on: bool) -> None:
+    """Route with the inference router and skip zero-gate experts (`on`) or run them densely weighted."""
+    for layer in moe_layers(model):
+        layer.sparse_inference = on
+        layer.eval_router = "infer"
+
+
+def quantize_table(weight_RD: Tensor) -> tuple[Tensor, Tensor]:
+    """FBGEMM's fused 8-bit rowwise quantization of one table (what TorchRec's quant EBC stores).
+
+    Returns:
+        (q_RD uint8, scale_shift_R4 uint8: an fp16 scale and an fp16 bias per row).
+    """
+    fused = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(weight_RD.float().contiguous(), 8)
+    return fused[:, :-4].contiguous(), fused[:, -4:].contiguous()
+
+
+def int8_tables(
+    specs: list[TableSpec], quantized: dict[str, tuple[Tensor, Tensor]], device: torch.device
+) -> QuantEmbeddingBagCollection:
+    """TorchRec's quantized inference EBC over pre-quantized rows: FBGEMM's int8 TBE kernels on `device`
+    (built in place: `.to()` does not move the kernel's weights). Verified on CPU with fbgemm-gpu-cpu 1.8.0."""
+    configs = []
+    for s in specs:
+        c: EmbeddingBagConfig = s.config()
+        c.data_type = DataType.INT8
+        configs.append(c)
+    on_device = {n: (q.to(device), ss.to(device)) for n, (q, ss) in quantized.items()}
+    return QuantEmbeddingBagCollection(
+        configs, is_weighted=False, device=device, table_name_to_quantized_weights=on_device
+    )
+
+
+def build_sparse(
+    cfg: JobConfig,
+    tables: dict[str, Tensor] | None = None,
+    quantized: dict[str, tuple[Tensor, Tensor]] | None = None,
+    device: torch.device | None = None,
+) -> SparseArch:
+    """The unsharded sparse arch over fp32 `tables` {name: R x D} or int8 `quantized` {name: (q, scale_shift)}
+    (int8 tables are built on `device`, default CPU; move fp32 ones with `.to`)."""
+    _supported(cfg)
+    arch = build_sparse_arch(cfg.features, cfg.embeddings, device=torch.device("meta"))
+    specs = arch.specs
+    if quantized is not None:
+        arch.ebc = int8_tables(specs, quantized, device or torch.device("cpu"))  # type: ignore[assignment]
+        return arch.eval()
+    if tables is None:
+        raise ValueError("build_sparse: pass `tables` (fp32) or `quantized` (int8)")
+    state = {f"ebc.embedding_bags.{s.name}.weight": tables[s.name] for s in specs}
+    arch.load_state_dict(state, assign=True)
+    return arch.eval().requires_grad_(False)
+
+
+class InferenceModel(nn.Module):
+    """Embeddings + dense model: a KJT batch and its dense features -> probabilities.
+
+    Args:
+        cfg: the resolved job config (features and model sections).
+        sparse: the unsharded sparse arch (`build_sparse`).
+        dense: the zoo model (`build_dense`), weights loaded.
+        dtype: "fp32", or "bf16" (the dense model under bf16 autocast, as training's bf16 path; meant for GPU).
+
+    Example:
+        model = load_artifact(Path("artifacts/tiny"))[0]
+        probs_BK = model(batch.sparse, batch.dense)
+    """
+
+    def __init__(self, cfg: JobConfig, sparse: SparseArch, dense: nn.Module, dtype: str = "fp32") -> None:
+        super().__init__()
+        if dtype not in ("fp32", "bf16"):
+            raise ValueError(f"InferenceModel: dtype must be 'fp32' or 'bf16', got {dtype!r}")
+        self.cfg, self.sparse, self.dense, self.dtype = cfg, sparse, dense, dtype
+        self.tasks = list(cfg.features.labels)
+
+    def embed(self, kjt: KeyedJaggedTensor) -> Tensor:
+        """kjt (keys = features.sparse names) -> sparse_BE pooled embeddings in model order."""
+        return pooled_to_model_input(self.sparse(kjt), self.cfg.features)
+
+    def score_dense(self, sparse_BE: Tensor, dense_BN: Tensor) -> Tensor:
+        """sparse_BE: B x E, dense_BN: B x N -> probs_BK: B x K (float32)."""
+        device = sparse_BE.device.type
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.dtype == "bf16"):
+            logits_BK = self.dense(sparse_BE, dense_BN).logits_BK
+        return torch.sigmoid(logits_BK.float())
+
+    @torch.no_grad()
+    def forward(self, kjt: KeyedJaggedTensor, dense_BN: Tensor) -> Tensor:
+        """kjt: B samples of every sparse feature, dense_BN: B x N -> probs_BK: B x K."""
+        return self.score_dense(self.embed(kjt), dense_BN)
+
+
+def from_checkpoint(cfg: JobConfig, ckpt: Path, *, quantize: str = "none", dtype: str = "fp32") -> InferenceModel:
+    """The inference model of a checkpoint (tables read without a process group, experts merged)."""
+    _supported(cfg)
+    specs = table_specs(cfg.features, cfg.embeddings)
+    tables = read_tables(ckpt, specs)
+    dense = build_dense(cfg)
+    dense.load_state_dict(read_dense_state(ckpt, dense))
+    if quantize == "int8":
+        sparse = build_sparse(cfg, quantized={n: quantize_table(t) for n, t in tables.items()})
+    else:
+        sparse = build_sparse(cfg, tables=tables)
+    return InferenceModel(cfg, sparse, dense, dtype)
+
+
+def iter_scores(
+    model: InferenceModel, batches: Iterator[Batch], device: torch.device
+) -> Iterator[tuple[Tensor, Batch]]:
+    """(probs_BK on CPU, batch) per batch, weight-0 padding rows removed from both."""
+    for batch in batches:
+        keep = batch.weights > 0
+        probs = model(batch.sparse.to(device), batch.dense.to(device)).cpu()
+        if not bool(keep.all()):
+            probs = probs[keep]
+            batch = Batch(
+                sparse=batch.sparse,  # the KJT is not used after scoring
+                dense=batch.dense[keep],
+                labels=batch.labels[keep],
+                weights=batch.weights[keep],
+                user_ids=batch.user_ids[keep],
+                row_ids=batch.row_ids[keep],
+            )
+        yield probs, batch
+
+
+# ----------------------------------------------------------------------------------------- artifacts
+
+MANIFEST = "manifest.json"
+TABLES_FP32 = "tables.safetensors"
+TABLES_INT8 = "tables_int8.safetensors"
+DENSE = "dense.safetensors"
+PROGRAM = "dense_program.json"
+PROGRAM_WEIGHTS = "dense_program.safetensors"
+
+
+class DenseScorer(nn.Module):
+    """The dense path as one module for torch.export: (sparse_BE, dense_BN) -> probs_BK."""
+
+    def __init__(self, dense: nn.Module) -> None:
+        super().__init__()
+        self.dense = dense
+
+    def forward(self, sparse_BE: Tensor, dense_BN: Tensor) -> Tensor:
+        """sparse_BE: B x E pooled embeddings (model order), dense_BN: B x N -> probs_BK: B x K."""
+        return torch.sigmoid(self.dense(sparse_BE, dense_BN).logits_BK)
+
+
+def read_manifest(artifact: Path) -> dict:
+    """The artifact's manifest.json (ServingError naming the path when missing or unreadable)."""
+    if not artifact.is_dir():
+        raise ServingError(f"{artifact}: no such artifact directory")
+    file = artifact / MANIFEST
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ServingError(f"{file}: unreadable artifact manifest ({e})") from None
+
+
+def load_artifact(
+    artifact: Path, dtype: str = "fp32", device: torch.device | None = None
+) -> tuple[InferenceModel, dict]:
+    """Load an artifact written by `launch.export` in a fresh process: safetensors + JSON + TOML only.
+
+    Args:
+        artifact: the artifact directory.
+        dtype: "fp32", or "bf16" to run the dense model under bf16 autocast (GPU).
+        device: where to run (default CPU); int8 tables run FBGEMM's kernels there (CUDA: untested here).
+
+    Returns:
+        (model, manifest).
+    """
+    manifest = read_manifest(artifact)
+    cfg = load_run_config(artifact)
+    file = artifact / (TABLES_INT8 if manifest["quantization"]["tables"] == "int8" else TABLES_FP32)
+    if not file.is_file():
+        raise ServingError(f"{file}: missing (the manifest says tables are {manifest['quantization']['tables']})")
+    raw = load_file(str(file))
+    if manifest["quantization"]["tables"] == "int8":
+        names = {k.rsplit(".", 1)[0] for k in raw}
+        sparse = build_sparse(
+            cfg, quantized={n: (raw[f"{n}.q"], raw[f"{n}.scale_shift"]) for n in names}, device=device
+        )
+    else:
+        sparse = build_sparse(cfg, tables=raw)
+    dense = build_dense(cfg)
+    if not (artifact / DENSE).is_file():
+        raise ServingError(f"{artifact / DENSE}: missing")
+    dense.load_state_dict(load_file(str(artifact / DENSE)))
+    model = InferenceModel(cfg, sparse, dense, dtype)
+    return (model.to(device) if device is not None else model), manifest
+
+
+def load_program(artifact: Path) -> torch.export.ExportedProgram:
+    """The dense-path program written by `save_program` (JSON + safetensors, no pickle)."""
+    from torch._export.serde import schema
+    from torch._export.serde.serialize import ExportedProgramDeserializer, _bytes_to_dataclass
+
+    files = (artifact / PROGRAM, artifact / PROGRAM_WEIGHTS)
+    for f in files:
+        if not f.is_file():
+            raise ServingError(f"{f}: missing (export writes it when the dense path traces)")
+    program = _bytes_to_dataclass(schema.ExportedProgram, files[0].read_bytes())
+    with safe_open(str(files[1]), framework="pt") as h:
+        params = set(json.loads(h.metadata()["parameters"]))
+        tensors = {k: h.get_tensor(k) for k in h.keys()}
+    state: dict[str, Tensor] = {}
+    for k, v in tensors.items():
+        if k.startswith("state/"):
+            name = k[len("state/") :]
+            state[name] = nn.Parameter(v, requires_grad=False) if name in params else v
+    constants = {k[len("const/") :]: v for k, v in tensors.items() if k.startswith("const/")}
+    return ExportedProgramDeserializer().deserialize(program, state, constants, None)
