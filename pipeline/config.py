@@ -77,8 +77,9 @@ class DataConfig:
     shuffle_window: int = 8192
     """Rows held in the in-window shuffle buffer of each reader."""
     drop_last: bool = True
-    """Balance ranks by dropping the uneven tail of an epoch (True) or padding it with repeated,
-    zero-weight rows (False); either way every rank runs the same number of steps."""
+    """Balance ranks by dropping the uneven tail of an epoch (True) or padding it with zero-weight rows
+    (False: empty bags, zero dense and labels, row id -1); either way every rank runs the same number
+    of steps, and every batch has exactly batch_size rows."""
     on_bad_file: str = "error"
     """'error': a corrupt file or a schema problem stops the job before training with a one-line
     error naming file and column. 'skip': such files are skipped and counted."""

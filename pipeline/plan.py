@@ -1,0 +1,216 @@
+"""Plan a dataset from Parquet footers only: which files, which row groups, how many rows.
+
+    plan = plan_dataset("data/default/train", cfg.data, cfg.features)
+    plan.files   # sorted paths of the usable files
+    plan.units   # WorkUnit(file_index, row_group, start, stop), in file / row-group order
+    plan.skipped # [(path, reason)] of files skipped under data.on_bad_file = "skip"
+
+`uri` may be a directory (every file below it except hidden ones and names starting with '_', such
+as _SUCCESS), a glob (`data/*/part-*.parquet`), a single file, or a URI that `pyarrow.fs` resolves
+(`file://`, `s3://`, `gs://`, `hdfs://`). The plan is a pure function of the listing and the footers,
+so every rank computes the same one.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.config import DataConfig, FeaturesConfig
+from pipeline.errors import DataError
+
+__all__ = ["DataError", "DatasetPlan", "WorkUnit", "plan_dataset", "resolve_files", "required_columns"]
+
+_GLOB_CHARS = "*?["
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """Rows [start, stop) of one row group of `plan.files[file_index]`."""
+
+    file_index: int
+    row_group: int
+    start: int
+    stop: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class DatasetPlan:
+    """Files, work units and row count of a dataset; picklable (sent to reader processes)."""
+
+    uri: str
+    filesystem: pafs.FileSystem
+    files: list[str]
+    units: list[WorkUnit]
+    columns: list[str]
+    """Columns the readers decode (labels, dense, sparse, user id, row id), in schema order of use."""
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    schema: pa.Schema | None = None
+    """Arrow schema of the first usable file."""
+
+    @property
+    def num_rows(self) -> int:
+        return sum(u.num_rows for u in self.units)
+
+    def fingerprint(self) -> tuple[int, int, int]:
+        """(files, units, rows): stored in loader state to catch a resume on different data."""
+        return (len(self.files), len(self.units), self.num_rows)
+
+
+def _is_hidden(rel_path: str) -> bool:
+    return any(part.startswith((".", "_")) for part in rel_path.split("/") if part)
+
+
+def resolve_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
+    """List the data files `uri` names, sorted. Raises DataError when nothing matches."""
+    if "://" in uri:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    else:
+        fs, path = pafs.LocalFileSystem(), uri
+        if not path.startswith("/"):
+            import os
+
+            path = os.path.abspath(path)
+    if any(c in path for c in _GLOB_CHARS):
+        parts = path.split("/")
+        first = next(i for i, p in enumerate(parts) if any(c in p for c in _GLOB_CHARS))
+        base = "/".join(parts[:first]) or "/"
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        files = [
+            i.path
+            for i in infos
+            if i.type == pafs.FileType.File
+            and fnmatch.fnmatchcase(i.path, path)
+            and not _is_hidden(i.path[len(base) :])
+        ]
+    else:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise DataError(f"{uri}: no such file or directory")
+        if info.type == pafs.FileType.File:
+            files = [info.path]
+        else:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            files = [i.path for i in infos if i.type == pafs.FileType.File and not _is_hidden(i.path[len(path) :])]
+    if not files:
+        raise DataError(f"{uri}: no data files found (hidden files and names starting with '_' are ignored)")
+    return fs, sorted(files)
+
+
+def required_columns(data: DataConfig, features: FeaturesConfig) -> list[str]:
+    """Every column the pipeline reads, each once: labels, dense, sparse, user id, row id."""
+    cols = [*features.labels, *features.dense, *(sf.name for sf in features.sparse)]
+    cols += [c for c in (features.user_id, data.row_id_column) if c]
+    seen: set[str] = set()
+    return [c for c in cols if not (c in seen or seen.add(c))]
+
+
+def _is_int(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t)
+
+
+def _is_str(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
+def _expected(data: DataConfig, features: FeaturesConfig) -> dict[str, tuple[str, object]]:
+    """column -> (description of the accepted types, predicate on pa.DataType)."""
+    out: dict[str, tuple[str, object]] = {}
+    num = lambda t: _is_int(t) or pa.types.is_floating(t)
+    for c in features.labels:
+        out[c] = ("a label (int, float or bool)", lambda t: num(t) or pa.types.is_boolean(t))
+    for c in features.dense:
+        out[c] = ("a dense feature (float or int)", num)
+    for sf in features.sparse:
+        scalar = _is_str if sf.dtype == "string" else _is_int
+        if sf.max_len > 1:
+            desc = f"list<{'string' if sf.dtype == 'string' else 'int64'}> (max_len={sf.max_len})"
+            out[sf.name] = (desc, lambda t, s=scalar: _is_list(t) and s(t.value_type))
+        else:
+            desc = f"{'string' if sf.dtype == 'string' else 'int64'} (a scalar id, max_len=1)"
+            out[sf.name] = (desc, scalar)
+    if features.user_id:
+        out[features.user_id] = ("an integer user id", _is_int)
+    if data.row_id_column:
+        out[data.row_id_column] = ("an integer row id (data.row_id_column; set it to '' to disable the audit)", _is_int)
+    return out
+
+
+def _check_file(
+    fs: pafs.FileSystem, path: str, expected: dict[str, tuple[str, object]]
+) -> tuple[list[WorkUnit], pa.Schema]:
+    """Read one footer; return its units (file_index filled in by the caller) or raise DataError."""
+    try:
+        with fs.open_input_file(path) as f:
+            md = pq.ParquetFile(f).metadata
+            schema = md.schema.to_arrow_schema()
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(
+            f"{path}: not a readable Parquet file (corrupt or truncated?): {str(e).splitlines()[0]}"
+        ) from None
+    for col, (desc, ok) in expected.items():
+        idx = schema.get_field_index(col)
+        if idx < 0:
+            raise DataError(f"{path}: column '{col}' is missing; expected {desc}")
+        t = schema.field(idx).type
+        if not ok(t):  # type: ignore[operator]
+            raise DataError(f"{path}: column '{col}' has type {t}; expected {desc}")
+    if md.num_rows == 0 or md.num_row_groups == 0:
+        raise DataError(f"{path}: file is empty (0 rows)")
+    units = []
+    for rg in range(md.num_row_groups):
+        n = md.row_group(rg).num_rows
+        if n > 0:
+            units.append(WorkUnit(-1, rg, 0, n))
+    return units, schema
+
+
+def plan_dataset(uri: str, data: DataConfig, features: FeaturesConfig) -> DatasetPlan:
+    """List `uri`, read every footer, check the configured columns and build work units.
+
+    Args:
+        uri: directory, glob, file or pyarrow-fs URI.
+        data: `data.on_bad_file` decides between failing ("error") and skipping ("skip").
+        features: the columns to check.
+    Returns:
+        DatasetPlan with one WorkUnit per non-empty row group of every usable file.
+    Raises:
+        DataError naming the file (and column) on the first bad file when on_bad_file == "error", or
+        when no usable file is left.
+    """
+    if data.on_bad_file not in ("error", "skip"):
+        raise DataError(f"data.on_bad_file = {data.on_bad_file!r}; expected 'error' or 'skip'")
+    fs, paths = resolve_files(uri)
+    expected = _expected(data, features)
+    files: list[str] = []
+    units: list[WorkUnit] = []
+    skipped: list[tuple[str, str]] = []
+    schema = None
+    for path in paths:
+        try:
+            file_units, file_schema = _check_file(fs, path, expected)
+        except DataError as e:
+            if data.on_bad_file == "error":
+                raise
+            skipped.append((path, str(e)))
+            continue
+        fi = len(files)
+        files.append(path)
+        units += [WorkUnit(fi, u.row_group, u.start, u.stop) for u in file_units]
+        schema = schema or file_schema
+    if not files:
+        reasons = "; ".join(r for _, r in skipped[:3])
+        raise DataError(f"{uri}: no usable Parquet file ({len(skipped)} skipped: {reasons})")
+    return DatasetPlan(uri, fs, files, units, required_columns(data, features), skipped, schema)
