@@ -347,6 +347,16 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
         raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
+    for key in ("shuffle_window", "prefetch_row_groups"):
+        if getattr(d, key) < 1:
+            raise ConfigError(f"data.{key} must be >= 1, got {getattr(d, key)}")
+    if m.attn_heads and m.d_model % m.attn_heads:
+        raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.attn_heads ({m.attn_heads})")
+    for key in ("tower_hidden", "mlp_hidden"):
+        if any(w < 1 for w in getattr(m, key)):
+            raise ConfigError(f"model.{key} widths must be >= 1, got {getattr(m, key)}")
+    if m.cross_layers < 0:
+        raise ConfigError(f"model.cross_layers must be >= 0, got {m.cross_layers}")
     if not f.labels:
         raise ConfigError("features.labels must name at least one label column (one per task)")
     if not f.sparse and not f.dense:

@@ -84,6 +84,10 @@ def test_wrong_types_name_the_key(tmp_path: Path) -> None:
         (["--data.on_bad_file", "ignore"], 1, "data.on_bad_file"),
         (["--embeddings.table_sharding", '{nope = "row_wise"}'], 1, "unknown table 'nope'"),
         (["--model.name", "dcnv2"], 1, "moe.enabled needs a RankMixer model"),
+        (["--data.shuffle_window", "0"], 1, "data.shuffle_window must be >= 1"),
+        (["--model.attn_heads", "3"], 1, "divisible by model.attn_heads"),
+        (["--model.tower_hidden", "[0]"], 1, "model.tower_hidden widths"),
+        (["--embeddings.sharding", "data_parallel"], 1, "embeddings.sharding"),
     ],
 )
 def test_invalid_combinations_rejected(overrides: list[str], world: int, match: str) -> None:
