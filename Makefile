@@ -3,7 +3,8 @@ PY := .venv/bin/python
 export PYTHONPATH := $(CURDIR)
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.build/torch_extensions
 DATA := data/default
-TRAIN_ROWS ?= 400000
+ROWS ?= 1500000
+RUN ?= default
 SMOKE ?=
 
 .PHONY: install train test lint format bench doctor data study clean
@@ -12,13 +13,13 @@ install:
 	@bash launch/install.sh
 
 $(DATA)/.done: | install
-	$(PY) -m pipeline.synth --out $(DATA) --rows $(TRAIN_ROWS) --files 8 --seed 0
+	$(PY) -m pipeline.synth --out $(DATA) --rows $(ROWS) --files 16 --seed 0
 	@touch $@
 
 data: $(DATA)/.done
 
 train: install data
-	bash launch/train.sh configs/default.toml
+	bash launch/train.sh configs/default.toml --training.output_dir runs/$(RUN)
 
 test: install
 	$(PY) -m pytest

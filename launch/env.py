@@ -67,3 +67,18 @@ def gpu_name() -> str:
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
     except (OSError, subprocess.SubprocessError):
         return ""
+
+
+def quiet_third_party() -> None:
+    """Keep the console to our own lines: TorchRec's planner advice, torch.distributed deprecation
+    notices and DeepSpeed's info chatter go to the log level ERROR / are filtered. Real errors still show."""
+    import logging
+    import warnings
+
+    for name in ("torchrec", "DeepSpeed", "deepspeed", "torch.distributed", "fbgemm_gpu"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torchrec.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torchrec.*")
+    warnings.filterwarnings("ignore", message=r".*is_fx_tracing.*")
+    warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated.*")

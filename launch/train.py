@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import sys
 
-from launch.env import setup_env
+from launch.env import quiet_third_party, setup_env
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run one training job; returns the summary (also written to <run>/summary.json)."""
     setup_env()  # before deepspeed is imported anywhere
+    quiet_third_party()
     import os
 
     from launch.config import ConfigError, load_config
