@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.moe.utils import is_moe_param
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -223,16 +224,20 @@ def _load_dense(model: nn.Module, dense: dict[str, torch.Tensor]) -> tuple[list[
     return missing, unexpected
 
 
-def _load_experts(model: nn.Module, path: Path) -> None:
-    layers = moe_layers(model)
-    if not layers:
-        return
+def read_expert_shards(path: Path, wanted: list[tuple[list[int], list[str]]]) -> list[dict[str, torch.Tensor]]:
+    """Expert weights gathered from every `experts_ep<p>.safetensors` shard, whatever ep_size wrote them.
+
+    Args:
+        path: a checkpoint directory.
+        wanted: per MoE layer, (token positions, parameter names) to return.
+
+    Returns:
+        per layer, {name: tensor stacked over the wanted positions (len(positions) x ...)}.
+    """
     files = sorted(path.glob("experts_ep*.safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no experts_ep*.safetensors although the model has MoE layers")
     by_pos: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
-    from safetensors import safe_open
-
     for f in files:
         with safe_open(str(f), framework="pt") as h:
             positions = json.loads(h.metadata()["positions"])
@@ -242,12 +247,25 @@ def _load_experts(model: nn.Module, path: Path) -> None:
                 t = h.get_tensor(key)
                 for j, pos in enumerate(positions[i]):
                     by_pos.setdefault((i, name), {})[pos] = t[j]
+    out: list[dict[str, torch.Tensor]] = []
+    for i, (positions, names) in enumerate(wanted):
+        layer: dict[str, torch.Tensor] = {}
+        for name in names:
+            have = by_pos.get((i, name), {})
+            lacking = [pos for pos in positions if pos not in have]
+            if lacking:
+                raise CheckpointError(f"{path}: expert shards lack layer {i} '{name}' positions {lacking}")
+            layer[name] = torch.stack([have[pos] for pos in positions])
+        out.append(layer)
+    return out
+
+
+def _load_experts(model: nn.Module, path: Path) -> None:
+    locals_ = [getattr(layer.experts, "local", layer.experts) for layer in moe_layers(model)]
+    if not locals_:
+        return
+    wanted = [(list(m.positions), [n for n, _ in m.named_parameters()]) for m in locals_]
     with torch.no_grad():
-        for i, layer in enumerate(layers):
-            local = getattr(layer.experts, "local", layer.experts)
+        for local, tensors in zip(locals_, read_expert_shards(path, wanted)):
             for name, p in local.named_parameters():
-                have = by_pos.get((i, name), {})
-                lacking = [pos for pos in local.positions if pos not in have]
-                if lacking:
-                    raise CheckpointError(f"{path}: expert shards lack layer {i} '{name}' positions {lacking}")
-                p.copy_(torch.stack([have[pos] for pos in local.positions]))
+                p.copy_(tensors[name])

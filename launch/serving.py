@@ -129,27 +129,18 @@ def read_dense_state(ckpt: Path, model: nn.Module) -> dict[str, Tensor]:
     state = load_file(str(dense_file))
     layers = moe_layers(model)
     if layers:
-        by_pos: dict[tuple[int, str], dict[int, Tensor]] = {}
-        files = sorted(ckpt.glob("experts_ep*.safetensors"))
-        if not files:
-            raise ServingError(f"{ckpt}: no experts_ep*.safetensors although the model has MoE layers")
-        for f in files:
-            with safe_open(str(f), framework="pt") as h:
-                positions = json.loads(h.metadata()["positions"])
-                for key in h.keys():
-                    layer_s, name = key.split(".", 1)
-                    i = int(layer_s[len("layer") :])
-                    t = h.get_tensor(key)
-                    for j, pos in enumerate(positions[i]):
-                        by_pos.setdefault((i, name), {})[pos] = t[j]
+        # reading a training checkpoint (export / evaluate) may import DeepSpeed; loading an artifact never does
+        from launch.checkpoint import CheckpointError, read_expert_shards
+
         prefix = {id(m): n for n, m in model.named_modules()}
-        for i, layer in enumerate(layers):
-            for name, _ in layer.experts.named_parameters():
-                have = by_pos.get((i, name), {})
-                lacking = [p for p in range(layer.num_tokens) if p not in have]
-                if lacking:
-                    raise ServingError(f"{ckpt}: expert shards lack layer {i} '{name}' positions {lacking}")
-                state[f"{prefix[id(layer)]}.experts.{name}"] = torch.stack([have[p] for p in range(layer.num_tokens)])
+        wanted = [(list(range(layer.num_tokens)), [n for n, _ in layer.experts.named_parameters()]) for layer in layers]
+        try:
+            shards = read_expert_shards(ckpt, wanted)
+        except CheckpointError as e:
+            raise ServingError(str(e)) from None
+        for layer, tensors in zip(layers, shards):
+            for name, t in tensors.items():
+                state[f"{prefix[id(layer)]}.experts.{name}"] = t
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
