@@ -355,10 +355,11 @@ class Trainer:
         for k, v in self.loader.stats().items():
             out[f"data/{k}"] = v
         self.logger.log(out, self.step)
-        self._last_row = out
 
     def _summary(self, final_eval: dict[str, dict[str, float]], wall_s: float, train_s: float) -> dict[str, Any]:
-        last = getattr(self, "_last_row", {})
+        # throughput of this invocation's training steps (log intervals only: eval and checkpoints excluded)
+        steps_run = self.step - self.start_step
+        sps = steps_run * self.cfg.data.batch_size * self.info.world_size / train_s if train_s > 0 else 0.0
         rows_consumed = sum(a["count"] for a in self.audits)
         summary: dict[str, Any] = {
             "eval": {
@@ -367,8 +368,8 @@ class Trainer:
             },
             "params": int(self.params),
             "flops_per_sample": float(self.model.flops_per_sample(training=False)),
-            "mfu": float(last.get("mfu", 0.0)),
-            "samples_per_s": float(last.get("samples_per_s", 0.0)),
+            "mfu": mfu(self.flops_train, sps / self.info.world_size, self.peak),
+            "samples_per_s": sps,
             "steps": int(self.step),
             "wall_s": float(wall_s),
             "rows_consumed": int(rows_consumed),
