@@ -9,7 +9,8 @@ Default run: writes a synthetic log (`pipeline.synth`, default 2M rows, 16 files
    default settings, one process, every file; rows / CPU-second of this process.
 2. this pipeline: ParquetLoader (configs/default.toml schema and batch size, shuffle on, one rank)
    up to ready `Batch`es (KJT + dense + labels), for each reader count in --workers; CPU time is
-   RUSAGE_SELF + RUSAGE_CHILDREN (reader processes are joined at the end of the epoch, so they count).
+   RUSAGE_SELF + RUSAGE_CHILDREN: every thread of this process (the read-ahead thread included) and
+   the reader processes, which are joined at the end of the epoch, so they count.
 Each measurement is the best of --repeats (the machine is shared); a warm-up pass first fills the
 page cache. JSON keys: pyarrow_rows_per_cpu_s, pipeline_rows_per_cpu_s (num_workers of
 configs/default.toml), ratio_vs_pyarrow, plus per-worker-count figures.
@@ -18,8 +19,8 @@ configs/default.toml), ratio_vs_pyarrow, plus per-worker-count figures.
 --budget-mb and reports the peak memory growth (proportional set size of the trainer process plus
 its reader processes, sampled every 16 batches) over the idle process (torch, torchrec and the plan
 loaded), which must stay under the budget. It does not depend on the dataset size: one shuffle
-window, `data.prefetch_row_groups` decoded row groups and the id memo tables (8 MiB per vocab size)
-per reader, plus the allocators' retained pages.
+window, `data.prefetch_row_groups` decoded row groups and the id memo tables (8 MiB per vocab size,
+built in the trainer and shared with forked readers), plus the allocators' retained pages.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ every process, run and machine (no Python `hash()`, no per-process salt).
 
     mix64(x)                 splitmix64 finaliser, a bijection on 64-bit words
     map_ids(ids, V, mode)    'hash' | 'modulo' | 'raw' -> int64 ids in [0, V) (raw: unchanged)
+    map_ids_into(ids, V, mode, out)   the same, written into a caller's buffer
     hash_strings(array)      pyarrow string array -> int64 (FNV-1a 64 of the UTF-8 bytes, then mix64)
 """
 
@@ -26,12 +27,8 @@ _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 _CHUNK = 32768  # elements per pass: temporaries stay in cache (numpy temporaries would cost ~3x)
 
 
-def mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 of each 64-bit word: ``z = x + golden; z ^= z >> 30; z *= M1; z ^= z >> 27; z *= M2;
-    z ^= z >> 31``. Accepts any int64/uint64 array; returns a new uint64 array of the same shape
-    (wrapping arithmetic is intended)."""
-    z = np.asarray(x).astype(np.uint64, copy=True)
-    flat = z.reshape(-1)
+def _mix64_inplace(flat: np.ndarray) -> None:
+    """splitmix64 of a flat uint64 array, in place, in cache-sized chunks (one small temporary)."""
     tmp = np.empty(min(_CHUNK, flat.size), dtype=np.uint64)
     for s in range(0, flat.size, _CHUNK):
         c = flat[s : s + _CHUNK]
@@ -45,6 +42,14 @@ def mix64(x: np.ndarray) -> np.ndarray:
         np.multiply(c, _M2, out=c)
         np.right_shift(c, _S31, out=t)
         np.bitwise_xor(c, t, out=c)
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 of each 64-bit word: ``z = x + golden; z ^= z >> 30; z *= M1; z ^= z >> 27; z *= M2;
+    z ^= z >> 31``. Accepts any int64/uint64 array; returns a new uint64 array of the same shape
+    (wrapping arithmetic is intended)."""
+    z = np.asarray(x).astype(np.uint64, copy=True)
+    _mix64_inplace(z.reshape(-1))
     return z
 
 
@@ -65,15 +70,58 @@ _MEMO_MIN_BATCH = 4096
 _memo: dict[int, np.ndarray] = {}
 
 
+def _mod_inplace(h: np.ndarray, vocab_size: int) -> None:
+    """h mod vocab_size of a flat uint64 array, in place, chunked like `_mix64_inplace`."""
+    v = np.uint64(vocab_size)
+    tmp = np.empty(min(_CHUNK, h.size), dtype=np.uint64)
+    for s in range(0, h.size, _CHUNK):
+        c = h[s : s + _CHUNK]
+        q = tmp[: c.size]
+        np.floor_divide(c, v, out=q)
+        np.multiply(q, v, out=q)
+        np.subtract(c, q, out=c)
+
+
+def _memo_table(vocab_size: int) -> np.ndarray:
+    table = _memo.get(vocab_size)
+    if table is None:
+        table = _memo[vocab_size] = _mod(mix64(np.arange(_MEMO_IDS, dtype=np.int64)), vocab_size)
+    return table
+
+
+def warm_memo(vocab_sizes: list[int]) -> None:
+    """Build the memo tables of these vocab sizes now: a trainer does this before forking reader
+    processes, which then share the tables instead of each building its own every epoch."""
+    for v in vocab_sizes:
+        _memo_table(v)
+
+
+def _small(ids: np.ndarray, vocab_size: int) -> bool:
+    """True when the memo table applies: all ids in [0, _MEMO_IDS), and enough of them to pay for
+    building the table unless it exists. One pass: the OR of all ids is below _MEMO_IDS iff every id is
+    in range (negatives set bit 63)."""
+    if ids.size < _MEMO_MIN_BATCH and vocab_size not in _memo:
+        return False
+    return ids.size > 0 and int(np.bitwise_or.reduce(ids.view(np.uint64), axis=None)) < _MEMO_IDS
+
+
 def _hash_mod(ids: np.ndarray, vocab_size: int) -> np.ndarray:
     """mix64(ids) mod vocab_size as int64, through the memo table when every id is small."""
-    # one pass: the OR of all ids is below _MEMO_IDS iff every id is in [0, _MEMO_IDS) (negatives set bit 63)
-    if ids.size >= _MEMO_MIN_BATCH and np.bitwise_or.reduce(ids.view(np.uint64)) < _MEMO_IDS:
-        table = _memo.get(vocab_size)
-        if table is None:
-            table = _memo[vocab_size] = _mod(mix64(np.arange(_MEMO_IDS, dtype=np.int64)), vocab_size)
-        return table[ids]
+    if _small(ids, vocab_size):
+        return _memo_table(vocab_size)[ids]
     return _mod(mix64(ids), vocab_size)
+
+
+def _hash_mod_into(ids: np.ndarray, vocab_size: int, out: np.ndarray) -> None:
+    """out[:] = mix64(ids) mod vocab_size for flat int64 `ids` and a contiguous int64 `out` of the same
+    size: one cached gather when every id is small, else splitmix64 and the modulo in place in `out`."""
+    if _small(ids, vocab_size):
+        np.take(_memo_table(vocab_size), ids, out=out, mode="clip")  # in range: clip never clips
+        return
+    h = out.view(np.uint64)
+    h[...] = ids.view(np.uint64)
+    _mix64_inplace(h)
+    _mod_inplace(h, vocab_size)
 
 
 def map_ids(ids: np.ndarray, vocab_size: int, mode: str) -> np.ndarray:
@@ -104,6 +152,30 @@ def map_ids_counted(ids: np.ndarray, vocab_size: int, mode: str) -> tuple[np.nda
         if bad.any():
             out[bad] = _mod(mix64(ids[bad]), vocab_size)
         return out, bad
+    raise ValueError(f"unknown id_mapping {mode!r}; expected one of {', '.join(ID_MAPPINGS)}")
+
+
+def map_ids_into(ids: np.ndarray, vocab_size: int, mode: str, out: np.ndarray) -> np.ndarray | None:
+    """`map_ids_counted` writing the mapped ids into `out` (a contiguous int64 array of ids' size)
+    instead of a new array: the loader hashes each column chunk straight into its window buffer.
+
+    Returns:
+        The boolean mask of ids hashed into range ('modulo' mode), or None when there were none.
+    """
+    ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    if mode == "hash":
+        _hash_mod_into(ids, vocab_size, out)
+        return None
+    if mode == "raw":
+        out[...] = ids
+        return None
+    if mode == "modulo":
+        out[...] = ids
+        bad = (ids < 0) | (ids >= vocab_size)
+        if not bad.any():
+            return None
+        out[bad] = _mod(mix64(ids[bad]), vocab_size)
+        return bad
     raise ValueError(f"unknown id_mapping {mode!r}; expected one of {', '.join(ID_MAPPINGS)}")
 
 

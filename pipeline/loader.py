@@ -12,8 +12,9 @@
 Every rank gets exactly `len(loader)` batches of exactly `batch_size` rows per epoch (the split is
 in pipeline.split, the readers in pipeline.reader). The state is the epoch plus one counter
 (batches handed out this epoch). With num_workers = K > 0 the K readers of a rank run in torch
-DataLoader worker processes, each sending blocks of one shuffle window of batches, which the
-DataLoader returns round-robin in order; `split.reader_positions` turns the counter back into every
+DataLoader worker processes, each sending blocks of one shuffle window of batches (one
+shared-memory buffer each, recycled through a small ring once the trainer drops the batches: see
+`_Ring`), which the DataLoader returns round-robin in order; `split.reader_positions` turns the counter back into every
 reader's position, and the loader rotates worker ids on resume so the order continues exactly as
 in an uninterrupted run (a fresh process included).
 
@@ -23,7 +24,8 @@ An `__iter__` that starts at the end of an epoch moves on to the next epoch by i
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -34,10 +36,11 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from pipeline.audit import MOD, dataset_audit
 from pipeline.batch import Batch
 from pipeline.config import DataConfig, FeaturesConfig
-from pipeline.convert import STATS, BatchArrays
+from pipeline.convert import STATS, BatchArrays, Block, Header, block_batches
 from pipeline.errors import DataError
+from pipeline.ids import warm_memo
 from pipeline.plan import DatasetPlan
-from pipeline.reader import iter_reader, window_rows
+from pipeline.reader import iter_reader, private_block, window_rows
 from pipeline.split import batches_per_rank, reader_positions, reader_span, worker_batches
 
 __all__ = ["ParquetLoader", "dataset_audit"]
@@ -45,7 +48,7 @@ __all__ = ["ParquetLoader", "dataset_audit"]
 _STATE_VERSION = 1
 
 
-def _as_is(x: tuple[torch.Tensor, list]) -> tuple[torch.Tensor, list]:
+def _as_is(x: tuple[torch.Tensor, Header, int]) -> tuple[torch.Tensor, Header, int]:
     return x
 
 
@@ -61,62 +64,74 @@ def _worker_init(_: int) -> None:
         pass
 
 
-_ALIGN = 64
+def _shared(nbytes: int) -> torch.Tensor:
+    """A uint8 tensor allocated straight in shared memory (`share_memory_()` would allocate privately and
+    copy): a reader process writes each block once, the trainer maps it without a copy."""
+    storage = torch.UntypedStorage._new_shared(max(nbytes, 1))
+    return torch.empty(0, dtype=torch.uint8).set_(storage)[:nbytes]
 
 
-def _pack(block: list[BatchArrays]) -> tuple[torch.Tensor, list[list[tuple[int, str, tuple[int, ...]]]]]:
-    """Copy a block of batches into one shared-memory buffer (one segment per block instead of one pipe
-    trip per array: the reader process writes each byte once and the trainer maps them without a copy).
-    Returns (buffer, per batch [(offset, dtype, shape)] of its arrays)."""
-    layout, total = [], 0
-    for arrays in block:
-        entry = []
-        for a in arrays:
-            entry.append((total, a.dtype.str, a.shape))
-            total += -(-a.nbytes // _ALIGN) * _ALIGN
-        layout.append(entry)
-    buf = torch.empty(max(total, 1), dtype=torch.uint8).share_memory_()
+_RING = 8
+"""Shared-memory block buffers each reader process recycles."""
+
+
+class _Ring:
+    """The block buffers of one reader process, reused once the trainer has released them.
+
+    Fresh shared memory costs a zero-filling page fault per 4 KiB on first write (measured: a third of
+    a reader's CPU). `released` (int8, this reader's `_RING` slots, shared with the trainer) is set to 1
+    by the trainer when the last view of a block from slot k dies (`_track`); only then is buffer k
+    written again. With no released buffer of the right size, and all slots taken (a trainer holding
+    on to many batches), a block gets fresh memory that is never recycled (slot -1)."""
+
+    def __init__(self, released: np.ndarray):
+        self.released, self.bufs, self.slot = released, [], -1
+
+    def alloc(self, nbytes: int) -> torch.Tensor:
+        for k, buf in enumerate(self.bufs):
+            if self.released[k] and buf.numel() >= nbytes:
+                self.released[k], self.slot = 0, k
+                return buf[:nbytes]
+        if len(self.bufs) < len(self.released):
+            self.slot = len(self.bufs)
+            self.released[self.slot] = 0
+            self.bufs.append(_shared(nbytes + nbytes // 4))  # headroom: block sizes vary a little
+            return self.bufs[-1][:nbytes]
+        self.slot = -1
+        return _shared(nbytes)
+
+
+def _track(buf: torch.Tensor, slot: int, released: np.ndarray, keep: dict[int, torch.UntypedStorage]) -> np.ndarray:
+    """Trainer side of `_Ring`: the block buffer as numpy, with `slot` flagged released when its last
+    view dies; the slot's storage stays mapped so that its next block needs no new mapping. Every view
+    of the returned array holds it or its base (numpy collapses view chains), and it holds its base: the
+    finalizer goes on the base, the one object that outlives them all (not on `buf`, which `numpy()`
+    does not reference)."""
     raw = buf.numpy()
-    for arrays, entry in zip(block, layout):
-        for a, (off, _, _) in zip(arrays, entry):
-            raw[off : off + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-    return buf, layout
-
-
-def _unpack(buf: torch.Tensor, layout: list[list[tuple[int, str, tuple[int, ...]]]]) -> Iterator[BatchArrays]:
-    """Views of the batches in a buffer from `_pack` (they keep the shared segment alive)."""
-    raw = buf.numpy()
-    for entry in layout:
-        out = []
-        for off, dtype, shape in entry:
-            dt = np.dtype(dtype)
-            out.append(raw[off : off + dt.itemsize * int(np.prod(shape, dtype=np.int64))].view(dt).reshape(shape))
-        yield tuple(out)
+    if slot >= 0:
+        keep[slot] = buf.untyped_storage()
+        weakref.finalize(raw.base if raw.base is not None else raw, released.__setitem__, slot, 1)
+    return raw
 
 
 class _Readers(IterableDataset):
     """The K reader processes of one rank. Each DataLoader item is one block of a reader's batches
-    (a shuffle window's worth: few, large messages). DataLoader worker d runs reader (d + first) % K,
-    `first` being the reader whose block comes next, so that the DataLoader's round-robin continues
-    the uninterrupted order after a resume."""
+    (a shuffle window's worth, in one recycled shared-memory buffer: few, large messages) and its
+    `_Ring` slot. DataLoader worker d runs reader (d + first) % K, `first` being the reader whose block
+    comes next, so that the DataLoader's round-robin continues the uninterrupted order after a resume."""
 
-    def __init__(self, loader: ParquetLoader, epoch: int, done: int):
-        self.loader, self.epoch = loader, epoch
+    def __init__(self, loader: ParquetLoader, epoch: int, done: int, released: torch.Tensor):
+        self.loader, self.epoch, self.released = loader, epoch, released
         shares = worker_batches(len(loader), loader.num_workers)
         self.positions, self.first = reader_positions(shares, loader.block, done)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, list]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Header, int]]:
         info = get_worker_info()
-        k = (info.id + self.first) % len(self.positions) if info is not None else 0
-        start = self.positions[k]
-        block: list[BatchArrays] = []
-        for i, arrays in enumerate(self.loader._reader(self.epoch, k, start), start):
-            block.append(arrays)
-            if (i + 1) % self.loader.block == 0:
-                yield _pack(block)
-                block = []
-        if block:
-            yield _pack(block)
+        d = info.id if info is not None else 0
+        k = (d + self.first) % len(self.positions)
+        ring = _Ring(self.released.numpy()[d * _RING : (d + 1) * _RING])
+        for buf, header in self.loader._reader(self.epoch, k, self.positions[k], ring.alloc):
+            yield buf, header, (d * _RING + ring.slot if ring.slot >= 0 else -1)
 
 
 class ParquetLoader:
@@ -192,7 +207,9 @@ class ParquetLoader:
         return self._done
 
     # ----------------------------------------------------------------------------------- reading
-    def _reader(self, epoch: int, worker: int, start: int) -> Iterator[BatchArrays]:
+    def _reader(
+        self, epoch: int, worker: int, start: int, alloc: Callable[[int], torch.Tensor] = private_block
+    ) -> Iterator[Block]:
         span = reader_span(
             self.plan,
             seed=self.seed,
@@ -217,22 +234,30 @@ class ParquetLoader:
             epoch=epoch,
             reader_id=reader_id,
             start_batch=start,
+            alloc=alloc,
         )
 
     def _source(self) -> Iterator[BatchArrays]:
         if self.num_workers == 0:
-            yield from self._reader(self._epoch, 0, self._done)
+            for buf, header in self._reader(self._epoch, 0, self._done):
+                yield from block_batches(buf.numpy(), header)
             return
+        warm_memo(sorted({sf.vocab_size for sf in self.features.sparse if sf.id_mapping == "hash"}))  # shared by fork
+        released = torch.zeros(self.num_workers * _RING, dtype=torch.int8).share_memory_()
         dl = DataLoader(
-            _Readers(self, self._epoch, self._done),
+            _Readers(self, self._epoch, self._done, released),
             batch_size=None,
             num_workers=self.num_workers,
-            collate_fn=_as_is,  # blocks arrive as (shared buffer, layout), unconverted
+            collate_fn=_as_is,  # blocks arrive as (shared-memory buffer, header, slot), unconverted
             worker_init_fn=_worker_init,
             persistent_workers=False,
         )
-        for buf, layout in dl:
-            yield from _unpack(buf, layout)
+        flags, keep = released.numpy(), {}
+        for buf, header, slot in dl:
+            raw = _track(buf, slot, flags, keep)
+            del buf
+            yield from block_batches(raw, header)
+            del raw
 
     def _to_batch(self, arrays: BatchArrays) -> Batch:
         values, lengths, dense, labels, weights, user_ids, row_ids, stats = arrays

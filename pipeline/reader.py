@@ -1,10 +1,11 @@
-"""One reader: the rows of a ReaderSpan, window-shuffled, as ready batch tensors.
+"""One reader: the rows of a ReaderSpan, window-shuffled, as blocks of ready batches.
 
 A reader's real rows are cut into windows of S rows (S = data.shuffle_window rounded down to a
 multiple of the batch size B, at least B). Window w (rows [w*S, (w+1)*S) of the reader's stream)
 is permuted by a generator seeded with (seed, epoch, reader, w) and cut into S / B batches, so a
 batch never straddles windows and the reader's whole position is one integer (batches done): a
-resumed reader recomputes the window, re-permutes it and skips the batches already consumed.
+resumed reader recomputes the window, re-permutes it and skips the batches already consumed. The
+batches of a window leave as one block (`convert.fill_block`): one buffer, one message.
 
 Memory per reader: one window of decoded rows plus at most `data.prefetch_row_groups` decoded pieces
 (row-group slices) read ahead by one background thread. Row groups are read one at a time
@@ -14,15 +15,16 @@ Memory per reader: one window of decoded rows plus at most `data.prefetch_row_gr
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from pipeline.config import DataConfig, FeaturesConfig
-from pipeline.convert import BatchArrays, padding_batch, to_window, window_batch
+from pipeline.convert import Block, fill_block, to_window
 from pipeline.errors import DataError
 from pipeline.plan import DatasetPlan, WorkUnit
 from pipeline.split import ReaderSpan
@@ -123,8 +125,9 @@ class RowStream:
                 self._pending[j] = self.reader.submit(self.pieces[j])
         return self._pending[i].result()
 
-    def take(self, lo: int, hi: int) -> pa.Table:
-        """Rows [lo, hi) of the stream; successive calls must not go backwards."""
+    def take(self, lo: int, hi: int) -> list[pa.Table]:
+        """Rows [lo, hi) of the stream, as slices of the decoded pieces (no copy); successive calls
+        must not go backwards."""
         first = int(np.searchsorted(self.ends, lo, side="right"))
         parts = []
         i = first
@@ -136,7 +139,12 @@ class RowStream:
             if self.ends[i] <= hi:  # fully consumed: release it
                 self._pending.pop(i, None)
             i += 1
-        return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+        return parts
+
+
+def private_block(nbytes: int) -> torch.Tensor:
+    """A plain uint8 tensor of `nbytes` for one block (reading in the training process)."""
+    return torch.empty(nbytes, dtype=torch.uint8)
 
 
 def iter_reader(
@@ -151,8 +159,10 @@ def iter_reader(
     epoch: int,
     reader_id: int,
     start_batch: int = 0,
-) -> Iterator[BatchArrays]:
-    """Yield batches start_batch .. span.num_batches - 1 of this reader (see `convert.window_batch`)."""
+    alloc: Callable[[int], torch.Tensor] = private_block,
+) -> Iterator[Block]:
+    """Yield batches start_batch .. span.num_batches - 1 of this reader, one block (`convert.fill_block`,
+    buffers from `alloc`) per shuffle window; the first block starts at start_batch."""
     bsz = batch_size
     win = window_rows(data.shuffle_window, bsz)
     per_win = win // bsz
@@ -167,19 +177,13 @@ def iter_reader(
             hi = min(lo + win, real)
             window = None
             if lo < real:
-                table = stream.take(lo, hi)
+                parts = stream.take(lo, hi)
                 perm = None
                 if shuffle:
                     perm = np.random.default_rng([seed, epoch, reader_id, w, 0xB10C]).permutation(hi - lo)
-                window = to_window(table, data, features, bsz, perm)
+                window = to_window(parts, data, features, perm)
             last = min(span.num_batches, (w + 1) * per_win)
-            for bb in range(b, last):
-                j = bb - w * per_win
-                yield (
-                    window_batch(window, j)
-                    if window is not None and j < window.num_batches
-                    else padding_batch(features, bsz)
-                )
+            yield fill_block(window, b - w * per_win, last - w * per_win, bsz, features, alloc)
             b = last
     finally:
         reader.close()
