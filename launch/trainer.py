@@ -103,6 +103,8 @@ class Trainer:
         self.epoch = 0
         self.audits: list[dict[str, int]] = []
         self.start_step = 0
+        self.train_s = 0.0  # wall seconds of training steps over the whole run (kept across resumes)
+        self.train_samples = 0  # global samples of those steps
         self.resumed_from: str | None = None
         self._maybe_resume()
         self.logger = MetricsLogger(
@@ -207,6 +209,8 @@ class Trainer:
 
     def _trainer_state(self) -> dict[str, Any]:
         return {
+            "train_s": self.train_s,
+            "train_samples": self.train_samples,
             "step": self.step,
             "epoch": self.epoch,
             "audits": [dict(a) for a in self.audits],
@@ -252,6 +256,7 @@ class Trainer:
             model_name=self.cfg.model.name,
         )
         self.step = self.start_step = int(state["step"])
+        self.train_s, self.train_samples = float(state["train_s"]), int(state["train_samples"])
         self.epoch = int(state["epoch"])
         self.audits = [dict(a) for a in state["audits"]]
         if state["loader"] is None:
@@ -292,7 +297,7 @@ class Trainer:
         t, info = self.cfg.training, self.info
         wall0 = time.perf_counter()
         last_eval: dict[str, dict[str, float]] = {}
-        timer_t0, timer_steps, train_time = time.perf_counter(), 0, 0.0
+        timer_t0, timer_steps = time.perf_counter(), 0
         while self.step < self.total_steps:
             for batch in self.loader:
                 batch = batch.to(self.device, non_blocking=True)
@@ -301,7 +306,8 @@ class Trainer:
                 done = self.step >= self.total_steps
                 if self.step % t.log_every == 0 or done:
                     dt = time.perf_counter() - timer_t0
-                    train_time += dt
+                    self.train_s += dt
+                    self.train_samples += timer_steps * self.cfg.data.batch_size * info.world_size
                     self._log_step(row, timer_steps, dt)
                     timer_t0, timer_steps = time.perf_counter(), 0
                 if t.eval_every and self.step % t.eval_every == 0 and not done:
@@ -321,7 +327,7 @@ class Trainer:
                 self.loader.set_epoch(self.epoch)
         final_eval = self.evaluate() if self.eval_plan is not None else last_eval
         self.save()
-        summary = self._summary(final_eval, time.perf_counter() - wall0, train_time)
+        summary = self._summary(final_eval, time.perf_counter() - wall0)
         if final_eval:
             self.logger.log(_flatten_eval(final_eval), self.step)
         self.logger.log_summary(summary)
@@ -356,10 +362,9 @@ class Trainer:
             out[f"data/{k}"] = v
         self.logger.log(out, self.step)
 
-    def _summary(self, final_eval: dict[str, dict[str, float]], wall_s: float, train_s: float) -> dict[str, Any]:
-        # throughput of this invocation's training steps (log intervals only: eval and checkpoints excluded)
-        steps_run = self.step - self.start_step
-        sps = steps_run * self.cfg.data.batch_size * self.info.world_size / train_s if train_s > 0 else 0.0
+    def _summary(self, final_eval: dict[str, dict[str, float]], wall_s: float) -> dict[str, Any]:
+        # throughput of the run's training steps, across resumes (eval and checkpoint time excluded)
+        sps = self.train_samples / self.train_s if self.train_s > 0 else 0.0
         rows_consumed = sum(a["count"] for a in self.audits)
         summary: dict[str, Any] = {
             "eval": {
