@@ -310,13 +310,13 @@ class Trainer:
                     self.train_samples += timer_steps * self.cfg.data.batch_size * info.world_size
                     self._log_step(row, timer_steps, dt)
                     timer_t0, timer_steps = time.perf_counter(), 0
+                paused = time.perf_counter()  # eval and checkpoint time is not training time
                 if t.eval_every and self.step % t.eval_every == 0 and not done:
                     last_eval = self.evaluate()
                     self.logger.log(_flatten_eval(last_eval), self.step)
-                    timer_t0 = time.perf_counter()
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not done:
                     self.save()
-                    timer_t0 = time.perf_counter()
+                timer_t0 += time.perf_counter() - paused
                 if done:
                     break
             epoch_done = self.loader.batches_done >= len(self.loader)

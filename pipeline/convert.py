@@ -390,7 +390,9 @@ def _fill_stats(stats: np.ndarray, win: Window | None, order: np.ndarray, nj: np
 
 def _fill_rows(arr: dict[str, np.ndarray], win: Window | None, order: np.ndarray, n_real: int) -> None:
     """dense, labels, weights, user and row ids of the block: real rows gathered, padding rows filled."""
-    dense, labels = arr["dense"].reshape(-1, arr["dense"].shape[-1]), arr["labels"].reshape(-1, arr["labels"].shape[-1])
+    # explicit row counts: reshape(-1, 0) is ambiguous when there are no labels (scoring) or no dense features
+    flat = lambda a: a.reshape(a.shape[0] * a.shape[1], a.shape[2])  # noqa: E731
+    dense, labels = flat(arr["dense"]), flat(arr["labels"])
     weights, user, row = arr["weights"].reshape(-1), arr["user"].reshape(-1), arr["row"].reshape(-1)
     if win is not None and n_real:
         np.take(win.dense_NF, order, axis=0, out=dense[:n_real], mode="clip")
