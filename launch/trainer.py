@@ -102,7 +102,6 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.audits: list[dict[str, int]] = []
-        self.start_step = 0
         self.train_s = 0.0  # wall seconds of training steps over the whole run (kept across resumes)
         self.train_samples = 0  # global samples of those steps
         self.resumed_from: str | None = None
@@ -255,7 +254,7 @@ class Trainer:
             ep_size=self.ep_size,
             model_name=self.cfg.model.name,
         )
-        self.step = self.start_step = int(state["step"])
+        self.step = int(state["step"])
         self.train_s, self.train_samples = float(state["train_s"]), int(state["train_samples"])
         self.epoch = int(state["epoch"])
         self.audits = [dict(a) for a in state["audits"]]
