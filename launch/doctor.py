@@ -40,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     built = (TORCH_EXTENSIONS_DIR / "deepspeed_shm_comm").is_dir()
     where = f"pre-built in {TORCH_EXTENSIONS_DIR}" if built else "not built (make install builds it)"
     print(f"shm comm op   {where}")
+    from pipeline import native
+
+    try:
+        print(f"pipeline op   {native.build()}")
+    except RuntimeError as e:
+        ok = False
+        print(f"pipeline op   FAILED: {e}")
     print(f"threads       {torch.get_num_threads()}")
     print("status        " + ("OK" if ok else "PROBLEMS ABOVE"))
     return 0 if ok else 1

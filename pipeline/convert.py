@@ -3,12 +3,15 @@
 Legend: N rows in a window, B batch size, J batches in a block, F dense features, K label columns
 (tasks), S sparse features, R scalar sparse features, C health counters, V ids in a block.
 
-Two steps, both vectorised (no per-row Python; per-batch Python only to place each batch's ids):
-1. `to_window`: the table slices of a window are decoded column chunk by column chunk, ids hashed
-   straight into the window's buffers (`ids.map_ids_into`), in file order. Nothing is permuted here.
-2. `fill_block`: batches [j0, j1) of the window, rows in the window's shuffled order, are gathered
-   once each, straight into one contiguous buffer (`alloc`: a plain or a shared-memory tensor), from
-   which `block_batches` hands out zero-copy views.
+Two steps (no per-row Python; per-batch Python only to hand out views):
+1. `to_window`: the table slices of a window are decoded column chunk by column chunk, in file order.
+   Sparse ids stay where Arrow decoded them whenever they can (one chunk, no nulls, nothing to
+   truncate: zero-copy views), else they are repaired into one array per feature. Ids of 'hash'
+   features are not hashed here; 'modulo' ids are mapped (and counted) here. Nothing is permuted.
+2. `fill_block`: batches [j0, j1) of the window, rows in the window's shuffled order, go straight into
+   one contiguous buffer (`alloc`: a plain or a shared-memory tensor), from which `block_batches`
+   hands out zero-copy views. The sparse ids are gathered, hashed and laid out in KJT order by one
+   call of the compiled pass (`pipeline.native`); dense values, labels and ids by numpy gathers.
 
 Repairs happen in step 1 and are counted per row (so every batch knows exactly what it carried):
 NaN/inf dense values -> 0 (`dense_nonfinite_repaired`), null dense/id/user values -> 0 or an empty bag
@@ -18,17 +21,19 @@ validated where the file and row group are known (pipeline.reader), never repair
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from pipeline import native
 from pipeline.config import DataConfig, FeaturesConfig, SparseFeature
-from pipeline.ids import hash_strings, map_ids_into, mix64
+from pipeline.ids import MEMO_IDS, hash_strings, map_ids_into, memo_for
 
 HEALTH = ("dense_nonfinite_repaired", "nulls_repaired", "ids_out_of_range")
 """Per-row counters carried by every window, in this column order."""
@@ -50,54 +55,37 @@ Block = tuple[torch.Tensor, Header]
 
 @dataclass
 class Window:
-    """N decoded, repaired rows of one shuffle window in file order, ids already mapped; `order` is the
-    (shuffled) order in which they go out.
+    """N decoded, repaired rows of one shuffle window in file order; `order` is the (shuffled) order in
+    which they go out.
 
-    Sparse feature s is "simple" in this window when it has exactly one id per row (a scalar feature
-    without nulls): its ids are row `slot[s]` of `simple_RN`. The other features (lists, scalars with
-    nulls) are jagged (`slot[s]` = -1): one jagged array of G x N + 1 segments for the G jagged features
-    in key order, segment g * N + i holding the ids of jagged feature g in row i, the last one empty.
+    The window is P slices of decoded row groups (window rows [part_start[p], part_start[p + 1])),
+    every column being an address per slice, usually of Arrow's own buffer. Dense feature f is a
+    float32 column at `dense_FP[f, p]` (nulls already 0, non-finite values repaired on the way out),
+    labels likewise (`labels_KP`), user and row ids int64 columns. Sparse feature s (key order) has
+    its int64 ids in slice p at `ids_SP[s, p]`: one id per row when `offsets_SP[s]` is all 0, else row r's ids are
+    ids[offsets[r] : offsets[r + 1]] (int64 offsets at `offsets_SP[s, p]`), of which the last
+    `max_len_S[s]` are kept. `keep` holds every array behind these addresses. Ids of features with
+    `vocab_S[s]` > 0 are raw and get hashed into [0, vocab_S[s]) on their way into a block.
     """
 
     n: int
     order: np.ndarray  # int64 N, a permutation of range(N)
-    dense_NF: np.ndarray  # float32
-    labels_NK: np.ndarray  # float32
-    user_N: np.ndarray  # int64
-    row_N: np.ndarray  # int64 (-1 when no row-id column)
-    mixed_N: np.ndarray | None  # uint64 mix64(row ids) for the audit, None without a row-id column
-    slot: list[int]  # per sparse feature: its row in simple_RN, or -1 when jagged
-    simple_RN: np.ndarray  # int64 R x N
-    jag_lengths: np.ndarray  # int32 G * N + 1
-    jag_values: np.ndarray  # int64, the jagged segments' ids in segment order
+    part_start: np.ndarray  # int64 P + 1
+    ids_SP: np.ndarray  # uint64 addresses
+    offsets_SP: np.ndarray  # uint64 addresses, 0 for features with one id per row
+    max_len_S: np.ndarray  # int64
+    vocab_S: np.ndarray  # uint64: 0 when a feature's ids are final, else the vocab size to hash them into
+    memo_S: np.ndarray  # uint64: address of a feature's memo table (`ids.memo_for`), or 0
+    dense_FP: np.ndarray  # uint64 addresses of float32 columns
+    labels_KP: np.ndarray  # uint64 addresses of float32 columns
+    user_P: np.ndarray  # uint64 addresses of int64 user ids, 0 without a user-id column
+    row_P: np.ndarray  # uint64 addresses of int64 row ids, 0 without a row-id column
+    keep: list[object]  # the arrays behind the addresses
     health_NC: np.ndarray | None  # int64 per-row repair counters, None when nothing was repaired
 
 
 def _np(arr: pa.Array) -> np.ndarray:
     return arr.to_numpy(zero_copy_only=False)
-
-
-Chunks = list[tuple[int, pa.Array]]
-"""(first row in the window, array) of every non-empty chunk of one column across a window's slices."""
-
-
-def _columns(parts: list[pa.Table]) -> dict[str, Chunks]:
-    """Column name -> its chunks, for every column of the window's slices (one pass, no copies)."""
-    out: dict[str, Chunks] = {name: [] for name in parts[0].column_names}
-    a = 0
-    for t in parts:
-        for name, col in zip(t.column_names, t.columns):
-            b = a
-            for chunk in col.chunks:
-                if len(chunk):
-                    out[name].append((b, chunk))
-                b += len(chunk)
-        a += t.num_rows
-    return out
-
-
-def _has_nulls(chunks: Chunks) -> bool:
-    return any(arr.null_count for _, arr in chunks)
 
 
 class _Health:
@@ -126,7 +114,10 @@ def _map_into(
     ids: np.ndarray, sf: SparseFeature, out: np.ndarray, health: _Health, a: int, lens: np.ndarray | None = None
 ) -> None:
     """Map the raw ids of window rows [a, ...) into `out` (`lens`: ids per row, None for one id per row);
-    ids hashed into range are counted on their rows."""
+    ids hashed into range are counted on their rows. 'hash' ids are copied: `fill_block` hashes them."""
+    if sf.id_mapping == "hash":
+        out[...] = ids
+        return
     oor = map_ids_into(ids, sf.vocab_size, sf.id_mapping, out)
     if oor is not None:
         rows = np.arange(len(ids)) if lens is None else np.repeat(np.arange(len(lens)), lens)
@@ -158,24 +149,82 @@ def _list_chunk(arr: pa.Array, sf: SparseFeature, a: int, health: _Health) -> tu
     return lengths, ids
 
 
-def _jagged(
-    chunks: Chunks, sf: SparseFeature, lengths: np.ndarray, health: _Health
-) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """Fill `lengths` (int32 N) of a list feature, or of a scalar feature with nulls (lengths 0/1), and
-    return its (first row, lengths, raw ids) per column chunk."""
-    pieces = []
-    for a, arr in chunks:
+Columns = dict[str, pa.Array]
+"""One slice of a window: column name -> its values as one array."""
+
+
+def _slices(parts: list[pa.Table]) -> list[Columns]:
+    one = lambda col: col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()  # noqa: E731
+    return [{name: one(col) for name, col in zip(t.column_names, t.columns)} for t in parts]
+
+
+def _is_jagged(sf: SparseFeature, slices: list[Columns]) -> bool:
+    """Lists, and scalar features with nulls in this window (bags of 0 or 1 id), need offsets."""
+    return sf.max_len > 1 or any(c[sf.name].null_count for c in slices)
+
+
+def _slice_ids(arr: pa.Array, sf: SparseFeature, jagged: bool, a: int, health: _Health) -> tuple[np.ndarray, ...]:
+    """(ids int64, offsets int64 or nothing) of one feature in one slice (window rows a ..): views of
+    Arrow's buffers when there is nothing to repair or map here (no nulls, int64 ids, 'hash' or 'raw'),
+    else null lists and null ids dropped (and counted), lists truncated to their last max_len ids and
+    'modulo' ids mapped (and counted) into new arrays."""
+    n = len(arr)
+    if sf.dtype != "string" and sf.id_mapping != "modulo" and not arr.null_count:
         if sf.max_len == 1:
-            ids, valid = _flat_ids(arr, sf)
-            if valid is not None:
-                health.add(_NULLS, a, (~valid).astype(np.int64))
-                ids = ids[valid]
-            lens = np.ones(len(arr), np.int64) if valid is None else valid.astype(np.int64)
-        else:
-            lens, ids = _list_chunk(arr, sf, a, health)
-        lengths[a : a + len(arr)] = lens
-        pieces.append((a, lens, ids))
-    return pieces
+            ids = np.ascontiguousarray(_np(arr), dtype=np.int64)
+            return (ids, np.arange(n + 1, dtype=np.int64)) if jagged else (ids,)
+        values = arr.values
+        if not values.null_count and pa.types.is_int64(values.type):
+            return _np(values), _np(arr.offsets).astype(np.int64)  # offsets index the unsliced values
+    if sf.max_len == 1:
+        raw, valid = _flat_ids(arr, sf)
+        if valid is not None:
+            health.add(_NULLS, a, (~valid).astype(np.int64))
+            raw = raw[valid]
+        lens = None if valid is None else valid.astype(np.int64)
+    else:
+        lens, raw = _list_chunk(arr, sf, a, health)
+    ids = np.empty(len(raw), dtype=np.int64)
+    _map_into(raw, sf, ids, health, a, lens)
+    if not jagged:
+        return (ids,)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.ones(n, np.int64) if lens is None else lens, out=offsets[1:])
+    return ids, offsets
+
+
+def _float_columns(
+    slices: list[Columns], names: list[str], part_start: np.ndarray, health: _Health, keep: list[object]
+) -> np.ndarray:
+    """uint64 len(names) x P addresses of each column's float32 values per slice (nulls -> 0, counted)."""
+    out = np.zeros((len(names), len(slices)), dtype=np.uint64)
+    for f, name in enumerate(names):
+        for p, cols in enumerate(slices):
+            arr = cols[name]
+            if arr.null_count:
+                health.add(_NULLS, int(part_start[p]), (~np.asarray(arr.is_valid())).astype(np.int64))
+                arr = arr.fill_null(0)
+            values = np.ascontiguousarray(_np(arr), dtype=np.float32)
+            out[f, p] = values.ctypes.data
+            keep.append(values)
+    return out
+
+
+def _id_column(
+    slices: list[Columns], name: str, part_start: np.ndarray, health: _Health, keep: list[object]
+) -> np.ndarray:
+    """uint64 P addresses of an int64 id column per slice (nulls -> 0, counted); zeros without a column.
+    (Row ids are never null: pipeline.reader rejects them.)"""
+    out = np.zeros(len(slices), dtype=np.uint64)
+    for p, cols in enumerate(slices if name else []):
+        arr = cols[name]
+        if arr.null_count:
+            health.add(_NULLS, int(part_start[p]), (~np.asarray(arr.is_valid())).astype(np.int64))
+            arr = arr.fill_null(0)
+        values = np.ascontiguousarray(_np(arr), dtype=np.int64)
+        out[p] = values.ctypes.data
+        keep.append(values)
+    return out
 
 
 def to_window(
@@ -184,73 +233,43 @@ def to_window(
     """Decode and repair the N >= 1 rows of `parts` (label-validated table slices, concatenated in this
     order) into a Window; `perm` (a permutation of range(N)) is the order rows go out in, else file order."""
     n = sum(t.num_rows for t in parts)
-    cols = _columns(parts)
     health = _Health(n)
-    labels_NK = np.empty((n, len(features.labels)), dtype=np.float32)
-    for k, name in enumerate(features.labels):
-        for a, arr in cols[name]:
-            labels_NK[a : a + len(arr), k] = _np(arr)
-    dense_NF = np.empty((n, len(features.dense)), dtype=np.float32)
-    nulls_NF = None
-    for j, name in enumerate(features.dense):
-        for a, arr in cols[name]:
-            dense_NF[a : a + len(arr), j] = _np(arr)  # nulls arrive as NaN and are zeroed below
-            if arr.null_count:
-                nulls_NF = np.zeros(dense_NF.shape, dtype=bool) if nulls_NF is None else nulls_NF
-                nulls_NF[a : a + len(arr), j] = ~np.asarray(arr.is_valid())
-    if not np.isfinite(dense_NF).all():
-        bad_NF = ~np.isfinite(dense_NF)
-        if nulls_NF is not None:
-            health.add(_NULLS, 0, nulls_NF.sum(axis=1))
-            bad_NF &= ~nulls_NF
-        health.add(_NONFINITE, 0, bad_NF.sum(axis=1))
-        dense_NF[~np.isfinite(dense_NF)] = 0.0
-    user_N = np.zeros(n, dtype=np.int64)
-    if features.user_id:
-        for a, arr in cols[features.user_id]:
-            if arr.null_count:
-                health.add(_NULLS, a, (~np.asarray(arr.is_valid())).astype(np.int64))
-                arr = arr.fill_null(0)
-            user_N[a : a + len(arr)] = _np(arr)
-    row_N = np.full(n, -1, dtype=np.int64)
-    mixed_N = None
-    if data.row_id_column:
-        for a, arr in cols[data.row_id_column]:
-            row_N[a : a + len(arr)] = _np(arr)
-        mixed_N = mix64(row_N)
-    simple = [sf.max_len == 1 and not _has_nulls(cols[sf.name]) for sf in features.sparse]
-    simple_RN = np.empty((sum(sf.max_len == 1 for sf in features.sparse), n), dtype=np.int64)
-    jag_lengths = np.empty(n * simple.count(False) + 1, np.int32)
-    jag_lengths[-1] = 0
-    slot: list[int] = []
-    jagged: list[tuple[SparseFeature, list[tuple[int, np.ndarray, np.ndarray]]]] = []
-    r = 0  # scalar features keep their row of simple_RN (by config order) whether simple or not
-    for sf, is_simple in zip(features.sparse, simple):
-        if is_simple:
-            for a, arr in cols[sf.name]:
-                ids, _ = _flat_ids(arr, sf)
-                _map_into(ids, sf, simple_RN[r, a : a + len(arr)], health, a)
-            slot.append(r)
-        else:
-            g = len(jagged)
-            jagged.append((sf, _jagged(cols[sf.name], sf, jag_lengths[g * n : (g + 1) * n], health)))
-            slot.append(-1)
-        r += sf.max_len == 1
-    jag_values = np.empty(sum(len(ids) for _, pieces in jagged for _, _, ids in pieces), dtype=np.int64)
-    pos = 0
-    for sf, pieces in jagged:
-        for a, lens, ids in pieces:
-            _map_into(ids, sf, jag_values[pos : pos + len(ids)], health, a, lens)
-            pos += len(ids)
+    n_parts, n_sparse = len(parts), len(features.sparse)
+    part_start = np.zeros(n_parts + 1, dtype=np.int64)
+    np.cumsum([t.num_rows for t in parts], out=part_start[1:])
+    ids_SP = np.zeros((n_sparse, n_parts), dtype=np.uint64)
+    offsets_SP = np.zeros((n_sparse, n_parts), dtype=np.uint64)
+    keep: list[object] = []
+    slices = _slices(parts)
+    dense_FP = _float_columns(slices, features.dense, part_start, health, keep)
+    labels_KP = _float_columns(slices, features.labels, part_start, health, keep)
+    user_P = _id_column(slices, features.user_id, part_start, health, keep)
+    row_P = _id_column(slices, data.row_id_column, part_start, health, keep)
+    for s, sf in enumerate(features.sparse):
+        jagged = _is_jagged(sf, slices)
+        for p, cols in enumerate(slices):
+            arrays = _slice_ids(cols[sf.name], sf, jagged, int(part_start[p]), health)
+            ids_SP[s, p] = arrays[0].ctypes.data
+            if jagged:
+                offsets_SP[s, p] = arrays[1].ctypes.data
+            keep.extend(arrays)
+    vocab_S = np.array([sf.vocab_size if sf.id_mapping == "hash" else 0 for sf in features.sparse], dtype=np.uint64)
+    memo_S = np.zeros(n_sparse, dtype=np.uint64)
+    for s, v in enumerate(vocab_S.tolist()):
+        table = memo_for(v, n * features.sparse[s].max_len) if v else None
+        memo_S[s] = 0 if table is None else table.ctypes.data  # the tables live in `pipeline.ids` for good
+    max_len_S = np.array([sf.max_len for sf in features.sparse], dtype=np.int64)
     order = perm.astype(np.int64, copy=False) if perm is not None else np.arange(n, dtype=np.int64)
     return Window(
-        n, order, dense_NF, labels_NK, user_N, row_N, mixed_N, slot, simple_RN, jag_lengths, jag_values, health.nc
+        n, order, part_start, ids_SP, offsets_SP, max_len_S, vocab_S, memo_S, dense_FP, labels_KP, user_P, row_P, keep,
+        health.nc,
     )  # fmt: skip
 
 
 _ALIGN = 64
 
 
+@functools.lru_cache(maxsize=256)  # a reader's blocks have a handful of headers; shared result: do not mutate
 def block_sections(header: Header) -> dict[str, tuple[int, np.dtype, tuple[int, ...]]]:
     """name -> (byte offset, dtype, shape) of the arrays in a block buffer, each 64-byte aligned:
     values V int64 (batch-major, key-major inside a batch), voff J+1 int64 (batch j's ids are
@@ -266,7 +285,7 @@ def block_sections(header: Header) -> dict[str, tuple[int, np.dtype, tuple[int, 
     for name, dt, shape in spec:
         dt = np.dtype(dt)
         out[name] = (total, dt, shape)
-        total += -(-dt.itemsize * int(np.prod(shape, dtype=np.int64)) // _ALIGN) * _ALIGN
+        total += -(-dt.itemsize * math.prod(shape) // _ALIGN) * _ALIGN
     out["_total"] = (total, np.dtype(np.uint8), ())
     return out
 
@@ -276,21 +295,8 @@ def block_arrays(raw: np.ndarray, header: Header) -> dict[str, np.ndarray]:
     out = {}
     for name, (off, dt, shape) in block_sections(header).items():
         if name != "_total":
-            size = dt.itemsize * int(np.prod(shape, dtype=np.int64))
-            out[name] = raw[off : off + size].view(dt).reshape(shape)
+            out[name] = raw[off : off + dt.itemsize * math.prod(shape)].view(dt).reshape(shape)
     return out
-
-
-def _runs(slot: list[int]) -> list[tuple[int, int, int]]:
-    """Maximal runs of consecutive features of one kind, in key order: (first feature, count, first
-    simple_RN row or -1 for jagged). Simple runs are consecutive rows of simple_RN."""
-    runs: list[tuple[int, int, int]] = []
-    for s, r in enumerate(slot):
-        if runs and (r >= 0) == (runs[-1][2] >= 0):
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1, runs[-1][2])
-        else:
-            runs.append((s, 1, r))
-    return runs
 
 
 def fill_block(
@@ -304,8 +310,9 @@ def fill_block(
     """Batches j0 .. j1-1 of a window (batch j: rows order[j*B : (j+1)*B]), padded to B rows each with
     zero-weight rows (empty bags, zero dense and labels, user id 0, row id -1); `win` None: all padding.
 
-    Jagged ids of every batch come out of one fbgemm permute_1D_sparse_data over the window's jagged
-    segments, in (batch, feature, row) order; simple ids are gathered per batch straight into place.
+    The sparse ids of all the batches come from one call of the compiled pass (`native.fill_sparse`):
+    gathered in output order straight from the window's slices, hashed where `win.vocab_S` says,
+    written key-major per batch.
 
     Args:
         alloc: returns a uint8 tensor of the given byte size (shared memory in a reader process).
@@ -313,140 +320,38 @@ def fill_block(
         A Block: read it with `block_batches`.
     """
     bsz, nb = batch_size, j1 - j0
-    rows = nb * bsz
     first = j0 * bsz
-    s_total = len(features.sparse)
-    n_real = 0 if win is None else max(0, min(rows, win.n - first))
-    nj = np.clip((0 if win is None else win.n) - first - np.arange(nb) * bsz, 0, bsz)  # real rows per batch
-    order = win.order[first : first + n_real] if win is not None else np.zeros(0, np.int64)
-    jag_counts = np.zeros(nb, dtype=np.int64)
-    jag_values = jag_lengths = None
-    runs = _runs(win.slot) if win is not None else []
-    if win is not None and win.jag_values is not None and len(win.jag_lengths) > 1:
-        g_total = (len(win.jag_lengths) - 1) // win.n
-        # segment of (batch j, jagged feature g, row i): g * N + order[j*B + i]; padding rows -> the empty one
-        src = np.zeros(rows, dtype=np.int32)
-        src[:n_real] = order
-        seg_JGB = np.empty((nb, g_total, bsz), dtype=np.int32)
-        np.add(src.reshape(nb, 1, bsz), (np.arange(g_total, dtype=np.int32) * win.n)[None, :, None], out=seg_JGB)
-        if n_real < rows:
-            full, part = divmod(n_real, bsz)
-            seg_JGB[full, :, part:] = g_total * win.n
-            seg_JGB[full + 1 :] = g_total * win.n
-        t = torch.from_numpy
-        lens_t, vals_t, _ = torch.ops.fbgemm.permute_1D_sparse_data(
-            t(seg_JGB.reshape(-1)), t(win.jag_lengths), t(win.jag_values), None
-        )
-        jag_lengths, jag_values = lens_t.numpy().reshape(nb, g_total, bsz), vals_t.numpy()
-        jag_counts = jag_lengths.reshape(nb, -1).sum(axis=1, dtype=np.int64)
-    simple_count = 0 if win is None else sum(r >= 0 for r in win.slot)
-    per_batch = nj * simple_count + jag_counts
-    header: Header = (nb, bsz, s_total, len(features.dense), len(features.labels), int(per_batch.sum()))
+    if win is None:
+        win = _empty_window(features)
+    order = win.order[first : first + max(0, min(nb * bsz, win.n - first))]
+    sparse = (win.part_start, win.ids_SP, win.offsets_SP, win.max_len_S)
+    n_ids = native.count_ids(order, *sparse)
+    header: Header = (nb, bsz, len(features.sparse), len(features.dense), len(features.labels), n_ids)
     buf = alloc(block_sections(header)["_total"][0])
     arr = block_arrays(buf.numpy(), header)
-    voff = arr["voff"]
-    voff[0] = 0
-    np.cumsum(per_batch, out=voff[1:])
-    _fill_lengths(arr["lengths"], win, nj, jag_lengths)
-    _fill_rows(arr, win, order, n_real)
-    _fill_stats(arr["stats"], win, order, nj, bsz)
-    if win is not None and n_real:
-        _fill_values(arr["values"], win, order, runs, nj.tolist(), voff.tolist(), jag_lengths, jag_values, bsz)
+    native.fill_sparse(nb, bsz, order, *sparse, win.vocab_S, win.memo_S, MEMO_IDS, arr["values"], arr["lengths"],
+                       arr["voff"])  # fmt: skip
+    rows = (win.part_start, win.dense_FP, win.labels_KP, win.user_P, win.row_P)
+    native.fill_rows(nb, bsz, order, *rows, arr, _STATS_COLUMNS)
+    if win.health_NC is not None and len(order):  # repairs made while decoding, per row
+        h = np.zeros((nb * bsz, len(HEALTH)), dtype=np.int64)
+        np.take(win.health_NC, order, axis=0, out=h[: len(order)], mode="clip")
+        arr["stats"][:, : len(HEALTH)] += h.reshape(nb, bsz, len(HEALTH)).sum(axis=1)
     return buf, header
 
 
-def _fill_lengths(lengths_JSB: np.ndarray, win: Window | None, nj: np.ndarray, jag_JGB: np.ndarray | None) -> None:
-    if win is None:
-        lengths_JSB[...] = 0
-        return
-    real_J1B = (np.arange(lengths_JSB.shape[2])[None, :] < nj[:, None])[:, None, :]
-    g = 0
-    for s, count, r in _runs(win.slot):  # slices, not fancy indexing: a few block copies
-        if r >= 0:
-            lengths_JSB[:, s : s + count] = real_J1B
-        else:
-            lengths_JSB[:, s : s + count] = jag_JGB[:, g : g + count]  # type: ignore[index]
-            g += count
+def _empty_window(features: FeaturesConfig) -> Window:
+    """A window of no rows (one empty slice): every batch of it is padding."""
+    u64 = lambda *shape: np.zeros(shape, dtype=np.uint64)  # noqa: E731
+    s, f, k = len(features.sparse), len(features.dense), len(features.labels)
+    return Window(
+        0, np.zeros(0, np.int64), np.zeros(2, np.int64), u64(s, 1), u64(s, 1), np.ones(s, np.int64), u64(s), u64(s),
+        u64(f, 1), u64(k, 1), u64(1), u64(1), [], None,
+    )  # fmt: skip
 
 
-def _fill_stats(stats: np.ndarray, win: Window | None, order: np.ndarray, nj: np.ndarray, bsz: int) -> None:
-    """Per batch: health sums, padded rows, real rows and the audit checksum."""
-    nb, n_real = len(nj), len(order)
-    stats[:, : len(HEALTH)] = 0
-    stats[:, len(HEALTH)] = bsz - nj
-    stats[:, len(HEALTH) + 1] = nj
-    stats[:, -1] = 0
-    if win is None or not n_real:
-        return
-    if win.health_NC is not None:
-        h = np.zeros((nb * bsz, len(HEALTH)), dtype=np.int64)
-        np.take(win.health_NC, order, axis=0, out=h[:n_real], mode="clip")
-        stats[:, : len(HEALTH)] = h.reshape(nb, bsz, len(HEALTH)).sum(axis=1)
-    if win.mixed_N is not None:
-        m = np.zeros(nb * bsz, dtype=np.uint64)
-        np.take(win.mixed_N, order, out=m[:n_real], mode="clip")
-        stats[:, -1] = m.reshape(nb, bsz).sum(axis=1, dtype=np.uint64).view(np.int64)  # wraps: mod 2**64
-
-
-def _fill_rows(arr: dict[str, np.ndarray], win: Window | None, order: np.ndarray, n_real: int) -> None:
-    """dense, labels, weights, user and row ids of the block: real rows gathered, padding rows filled."""
-    # explicit row counts: reshape(-1, 0) is ambiguous when there are no labels (scoring) or no dense features
-    flat = lambda a: a.reshape(a.shape[0] * a.shape[1], a.shape[2])  # noqa: E731
-    dense, labels = flat(arr["dense"]), flat(arr["labels"])
-    weights, user, row = arr["weights"].reshape(-1), arr["user"].reshape(-1), arr["row"].reshape(-1)
-    if win is not None and n_real:
-        np.take(win.dense_NF, order, axis=0, out=dense[:n_real], mode="clip")
-        np.take(win.labels_NK, order, axis=0, out=labels[:n_real], mode="clip")
-        np.take(win.user_N, order, out=user[:n_real], mode="clip")
-        np.take(win.row_N, order, out=row[:n_real], mode="clip")
-    weights[:n_real] = 1.0
-    for a, fill in ((dense, 0.0), (labels, 0.0), (weights, 0.0), (user, 0), (row, -1)):
-        a[n_real:] = fill
-
-
-def _fill_values(
-    values: np.ndarray,
-    win: Window,
-    order: np.ndarray,
-    runs: list[tuple[int, int, int]],
-    nj: list[int],
-    voff: list[int],
-    jag_JGB: np.ndarray | None,
-    jag_values: np.ndarray | None,
-    bsz: int,
-) -> None:
-    """Each batch's ids, key-major: a simple run is one gather of its rows of simple_RN, a jagged run one
-    copy of the permuted jagged ids (contiguous: they come out in (batch, feature, row) order)."""
-    plan = []  # per run: (first simple row, count) or (-1, first jagged feature, count)
-    g = 0
-    for _, count, r in runs:
-        plan.append((r, count, g))
-        if r < 0:
-            g += count
-    if jag_JGB is not None:  # ids per (batch, jagged feature), and where each batch's jagged ids start
-        per_JG = jag_JGB.sum(axis=2, dtype=np.int64)
-        jstart = np.zeros(len(nj) + 1, dtype=np.int64)
-        np.cumsum(per_JG.sum(axis=1), out=jstart[1:])
-        per_jg, jstart_l = per_JG.tolist(), jstart.tolist()
-    for j, n in enumerate(nj):
-        if n == 0:
-            continue
-        pos, rows = voff[j], order[j * bsz : j * bsz + n]
-        for r, count, g in plan:
-            if r >= 0:
-                np.take(
-                    win.simple_RN[r : r + count],
-                    rows,
-                    axis=1,
-                    out=values[pos : pos + count * n].reshape(count, n),
-                    mode="clip",
-                )
-                pos += count * n
-            else:
-                p = jstart_l[j] + sum(per_jg[j][:g])
-                c = sum(per_jg[j][g : g + count])
-                values[pos : pos + c] = jag_values[p : p + c]  # type: ignore[index]
-                pos += c
+_STATS_COLUMNS = (_NONFINITE, len(HEALTH), len(HEALTH) + 1, len(STATS))
+"""Where `native.fill_rows` writes non-finite repairs, padded rows, real rows and the audit checksum."""
 
 
 def block_batches(raw: np.ndarray, header: Header, skip: int = 0) -> Iterator[BatchArrays]:

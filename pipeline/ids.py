@@ -57,14 +57,15 @@ def _mod(h: np.ndarray, vocab_size: int) -> np.ndarray:
     """h mod vocab_size (uint64 -> int64), as h - (h // v) * v: numpy divides by a scalar much faster
     than it takes a remainder."""
     v = np.uint64(vocab_size)
-    q = h // v
+    flat = np.asarray(h).reshape(-1)  # 0-d inputs too: arithmetic on them returns scalars, not arrays
+    q = flat // v
     q *= v
-    np.subtract(h, q, out=q)
-    return q.view(np.int64)
+    np.subtract(flat, q, out=q)
+    return q.view(np.int64).reshape(np.shape(h))
 
 
-_MEMO_IDS = 1 << 20
-"""Raw ids in [0, _MEMO_IDS) are mapped through a lazily built table per vocab_size (8 MiB each, per
+MEMO_IDS = 1 << 20
+"""Raw ids in [0, MEMO_IDS) are mapped through a lazily built table per vocab_size (8 MiB each, per
 process): one cached gather instead of ~10 arithmetic passes, identical results."""
 _MEMO_MIN_BATCH = 4096
 _memo: dict[int, np.ndarray] = {}
@@ -85,8 +86,16 @@ def _mod_inplace(h: np.ndarray, vocab_size: int) -> None:
 def _memo_table(vocab_size: int) -> np.ndarray:
     table = _memo.get(vocab_size)
     if table is None:
-        table = _memo[vocab_size] = _mod(mix64(np.arange(_MEMO_IDS, dtype=np.int64)), vocab_size)
+        table = _memo[vocab_size] = _mod(mix64(np.arange(MEMO_IDS, dtype=np.int64)), vocab_size)
     return table
+
+
+def memo_for(vocab_size: int, n_ids: int) -> np.ndarray | None:
+    """The memo table of vocab_size (int64 MEMO_IDS: mapped values of the raw ids [0, MEMO_IDS)) when it
+    exists or `n_ids` ids are about to be hashed (enough to pay for building it), else None."""
+    if vocab_size in _memo or n_ids >= _MEMO_MIN_BATCH:
+        return _memo_table(vocab_size)
+    return None
 
 
 def warm_memo(vocab_sizes: list[int]) -> None:
@@ -97,12 +106,12 @@ def warm_memo(vocab_sizes: list[int]) -> None:
 
 
 def _small(ids: np.ndarray, vocab_size: int) -> bool:
-    """True when the memo table applies: all ids in [0, _MEMO_IDS), and enough of them to pay for
-    building the table unless it exists. One pass: the OR of all ids is below _MEMO_IDS iff every id is
+    """True when the memo table applies: all ids in [0, MEMO_IDS), and enough of them to pay for
+    building the table unless it exists. One pass: the OR of all ids is below MEMO_IDS iff every id is
     in range (negatives set bit 63)."""
     if ids.size < _MEMO_MIN_BATCH and vocab_size not in _memo:
         return False
-    return ids.size > 0 and int(np.bitwise_or.reduce(ids.view(np.uint64), axis=None)) < _MEMO_IDS
+    return ids.size > 0 and int(np.bitwise_or.reduce(ids.view(np.uint64), axis=None)) < MEMO_IDS
 
 
 def _hash_mod(ids: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -76,7 +76,8 @@ _RING = 8
 
 
 class _Ring:
-    """The block buffers of one reader process, reused once the trainer has released them.
+    """The block buffers of one reader (a reader process, or the trainer itself with num_workers 0:
+    `new` allocates private memory then), reused once the trainer has released them.
 
     Fresh shared memory costs a zero-filling page fault per 4 KiB on first write (measured: a third of
     a reader's CPU). `released` (int8, this reader's `_RING` slots, shared with the trainer) is set to 1
@@ -84,8 +85,8 @@ class _Ring:
     written again. With no released buffer of the right size, and all slots taken (a trainer holding
     on to many batches), a block gets fresh memory that is never recycled (slot -1)."""
 
-    def __init__(self, released: np.ndarray):
-        self.released, self.bufs, self.slot = released, [], -1
+    def __init__(self, released: np.ndarray, new: Callable[[int], torch.Tensor] = _shared):
+        self.released, self.new, self.bufs, self.slot = released, new, [], -1
 
     def alloc(self, nbytes: int) -> torch.Tensor:
         for k, buf in enumerate(self.bufs):
@@ -95,10 +96,10 @@ class _Ring:
         if len(self.bufs) < len(self.released):
             self.slot = len(self.bufs)
             self.released[self.slot] = 0
-            self.bufs.append(_shared(nbytes + nbytes // 4))  # headroom: block sizes vary a little
+            self.bufs.append(self.new(nbytes + nbytes // 4))  # headroom: block sizes vary a little
             return self.bufs[-1][:nbytes]
         self.slot = -1
-        return _shared(nbytes)
+        return self.new(nbytes)
 
 
 def _track(buf: torch.Tensor, slot: int, released: np.ndarray, keep: dict[int, torch.UntypedStorage]) -> np.ndarray:
@@ -238,9 +239,14 @@ class ParquetLoader:
         )
 
     def _source(self) -> Iterator[BatchArrays]:
-        if self.num_workers == 0:
-            for buf, header in self._reader(self._epoch, 0, self._done):
-                yield from block_batches(buf.numpy(), header)
+        if self.num_workers == 0:  # recycled private buffers: fresh ones would page-fault every block
+            flags, keep = np.zeros(_RING, dtype=np.int8), {}
+            ring = _Ring(flags, private_block)
+            for buf, header in self._reader(self._epoch, 0, self._done, ring.alloc):
+                raw = _track(buf, ring.slot, flags, keep)
+                del buf
+                yield from block_batches(raw, header)
+                del raw
             return
         warm_memo(sorted({sf.vocab_size for sf in self.features.sparse if sf.id_mapping == "hash"}))  # shared by fork
         released = torch.zeros(self.num_workers * _RING, dtype=torch.int8).share_memory_()

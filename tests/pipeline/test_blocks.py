@@ -18,8 +18,8 @@ def test_map_ids_into_equals_map_ids(mode):
     rng = np.random.default_rng(1)
     cases = [
         rng.integers(0, 1000, 10),  # few small ids: direct path unless the memo table exists
-        rng.integers(0, ids._MEMO_IDS, 5000),  # memo path
-        np.concatenate([rng.integers(0, 50, 5000), [-3, 2**40, ids._MEMO_IDS]]),  # out-of-table ids
+        rng.integers(0, ids.MEMO_IDS, 5000),  # memo path
+        np.concatenate([rng.integers(0, 50, 5000), [-3, 2**40, ids.MEMO_IDS]]),  # out-of-table ids
         np.zeros(0, np.int64),
     ]
     for x in cases:
@@ -40,9 +40,11 @@ def _check(batch, feats) -> list[int]:
     return rid.tolist()
 
 
-def test_recycled_buffers_never_overwrite_held_batches(tmp_path):
-    """Many more blocks than ring slots: batches held to the end keep their contents; batches dropped
-    as they come (their buffers recycled) are right when they arrive."""
+@pytest.mark.parametrize("workers", [0, 1])
+def test_recycled_buffers_never_overwrite_held_batches(tmp_path, workers):
+    """Many more blocks than ring slots (in a reader process, or in the trainer itself): batches held to
+    the end keep their contents; batches dropped as they come (their buffers recycled) are right when
+    they arrive."""
     root, all_ids = write_dataset(tmp_path / "ds", [[80, 48], [72]])
     data, feats = data_config(root), small_features()
     plan = plan_dataset(str(root), data, feats)
@@ -50,7 +52,7 @@ def test_recycled_buffers_never_overwrite_held_batches(tmp_path):
     def make() -> ParquetLoader:
         return ParquetLoader(
             plan, data, feats, rank=0, world_size=1, batch_size=4, seed=0, shuffle=True, drop_last=False,
-            num_workers=1,
+            num_workers=workers,
         )  # fmt: skip
 
     assert len(make()) // make().block > 2 * _RING

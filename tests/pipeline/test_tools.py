@@ -26,7 +26,7 @@ def test_inspect_without_and_with_config(tmp_path):
 
 def test_memo_table_matches_direct_hash():
     rng = np.random.default_rng(0)
-    small = rng.integers(0, ids._MEMO_IDS, 10_000)
+    small = rng.integers(0, ids.MEMO_IDS, 10_000)
     mixed = np.concatenate([small, [-5, 2**40]])
     for vocab in (1000, 99_991):
         via_memo = ids.map_ids(small, vocab, "hash")

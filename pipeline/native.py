@@ -1,0 +1,235 @@
+"""The compiled pass of the input pipeline (`pipeline/native.c`), built once and loaded with ctypes.
+
+    python -m pipeline.native           # build it now (make install does), print where it lives
+
+One C function lays out the sparse ids of a whole block of batches: it takes each window row's ids
+in shuffled order (straight from Arrow's buffers where possible), hashes them (splitmix64 mod
+vocab_size, bit-identical to `pipeline.ids`) and writes the KJT values, lengths and per-batch offsets
+in place: one pass over the ids instead of numpy's hash, gather and permute passes (bench.pipeline
+measures the result).
+
+The library is compiled with the system C compiler (`$CC`, else cc, gcc or clang: the same compiler
+DeepSpeed's ops need) into `.build/native/` of the checkout (or $RANKMIXER_BUILD_DIR), named by a hash
+of the source and flags so a changed source is never served by a stale build; a build is written to
+a temporary name and renamed, so ranks that build at the same time never load a half-written file.
+`make install` builds it; the first use builds it when missing (< 1 s).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+SOURCE = Path(__file__).with_name("native.c")
+_FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu99", "-fno-strict-aliasing"]
+_lib: ctypes.CDLL | None = None
+
+
+def build_dir() -> Path:
+    """Where builds go: $RANKMIXER_BUILD_DIR, else .build/native of the checkout."""
+    env = os.environ.get("RANKMIXER_BUILD_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / ".build" / "native"
+
+
+def library_path() -> Path:
+    """The shared library of the current source (its name carries a hash of the source and flags)."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
+    return build_dir() / f"librm_pipeline_{digest}.so"
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def build() -> Path:
+    """Compile the library unless it exists; returns its path. Raises RuntimeError (one line) when
+    there is no C compiler or the compile fails."""
+    out = library_path()
+    if out.exists():
+        return out
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install cc/gcc/clang) to build pipeline/native.c")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run([cc, *_FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        if res.returncode != 0:
+            first = (res.stderr.strip().splitlines() or ["(no output)"])[0]
+            raise RuntimeError(f"{cc} failed to build {SOURCE.name}: {first}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _load() -> ctypes.CDLL:
+    i64, u64, p = ctypes.c_int64, ctypes.c_uint64, ctypes.c_void_p
+    lib = ctypes.CDLL(str(build()))
+    lib.rm_hash_mod.argtypes = [p, i64, u64, p]
+    lib.rm_hash_mod.restype = None
+    lib.rm_fill_rows.argtypes = [i64, i64, i64, p, i64, p, i64, p, i64, p, p, p, *[p] * 6, *[i64] * 5, p]
+    lib.rm_fill_rows.restype = None
+    lib.rm_count_ids.argtypes = [i64, p, i64, i64, p, p, p, p]
+    lib.rm_count_ids.restype = i64
+    lib.rm_fill_sparse.argtypes = [i64, i64, i64, p, i64, i64, p, p, p, p, p, p, u64, p, i64, p, p, p]
+    lib.rm_fill_sparse.restype = i64
+    return lib
+
+
+def library() -> ctypes.CDLL:
+    """The loaded library, built on first use. Raises RuntimeError (one line) when it cannot be built."""
+    global _lib
+    if _lib is None:
+        _lib = _load()
+    return _lib
+
+
+def address(a: np.ndarray) -> int:
+    """The address of a contiguous array's first element (the array must outlive its use in C)."""
+    if not a.flags.c_contiguous:
+        raise ValueError("pipeline.native needs contiguous arrays")
+    return a.ctypes.data
+
+
+def hash_mod(ids: np.ndarray, vocab_size: int, out: np.ndarray) -> None:
+    """out[:] = mix64(ids) mod vocab_size (flat contiguous int64 arrays of one size)."""
+    if ids.dtype != np.int64 or out.dtype != np.int64 or ids.size != out.size:
+        raise ValueError("hash_mod needs int64 ids and out of one size")
+    library().rm_hash_mod(address(ids), ids.size, vocab_size, address(out))
+
+
+def _check(arrays: tuple[np.ndarray, ...], dtypes: tuple[type, ...], where: str) -> list[int]:
+    out = []
+    for a, dt in zip(arrays, dtypes):
+        if a.dtype != dt:
+            raise ValueError(f"{where}: expected {np.dtype(dt)}, got {a.dtype}")
+        out.append(address(a))
+    return out
+
+
+_WINDOW = (np.int64, np.int64, np.uint64, np.uint64, np.int64)
+
+
+def count_ids(
+    order: np.ndarray, part_start: np.ndarray, ids_SP: np.ndarray, offsets_SP: np.ndarray, max_len_S: np.ndarray
+) -> int:
+    """The number of ids the window rows `order` carry over all features (arguments as in `fill_sparse`)."""
+    s_total, n_parts = ids_SP.shape
+    p = _check((order, part_start, ids_SP, offsets_SP, max_len_S), _WINDOW, "count_ids")
+    scratch = np.empty(2 * len(order), dtype=np.int64)
+    return library().rm_count_ids(len(order), p[0], s_total, n_parts, p[1], p[3], p[4], address(scratch))
+
+
+def fill_sparse(
+    nb: int,
+    bsz: int,
+    order: np.ndarray,
+    part_start: np.ndarray,
+    ids_SP: np.ndarray,
+    offsets_SP: np.ndarray,
+    max_len_S: np.ndarray,
+    vocab_S: np.ndarray,
+    memo_S: np.ndarray,
+    memo_n: int,
+    values: np.ndarray,
+    lengths_JSB: np.ndarray,
+    voff: np.ndarray,
+) -> int:
+    """Write the sparse part of a block of nb batches of bsz rows (`rm_fill_sparse` in native.c).
+
+    Args:
+        order: int64 n_real, the window rows of the block's batches in output order (batch j: rows
+            order[j * bsz : (j + 1) * bsz], fewer in the last ones).
+        part_start: int64 P + 1, where each of the window's P slices starts (window rows).
+        ids_SP: uint64 S x P, the address of feature s's int64 ids in slice p.
+        offsets_SP: uint64 S x P, all 0 for a feature with one id per row, else the addresses of its
+            int64 row offsets into the ids (rows + 1 values per slice).
+        max_len_S: int64 S, ids kept per row (the last ones).
+        vocab_S: uint64 S, 0 to copy a feature's ids, else the vocab size to hash them into.
+        memo_S: uint64 S, address of the feature's memo table (`pipeline.ids`: the mapped ids of
+            [0, memo_n)), or 0. Every address must stay valid for the call.
+        values: int64 output, the block's ids; lengths_JSB int32 nb x S x bsz; voff int64 nb + 1.
+    Returns:
+        The number of ids written.
+    """
+    s_total, n_parts = ids_SP.shape
+    if lengths_JSB.shape != (nb, s_total, bsz) or voff.shape != (nb + 1,) or len(part_start) != n_parts + 1:
+        raise ValueError(f"fill_sparse: lengths {lengths_JSB.shape} / voff {voff.shape} do not fit {nb} x {bsz}")
+    dtypes = (*_WINDOW, np.uint64, np.uint64, np.int64, np.int32, np.int64)
+    arrays = (order, part_start, ids_SP, offsets_SP, max_len_S, vocab_S, memo_S, values, lengths_JSB, voff)
+    p = _check(arrays, dtypes, "fill_sparse")
+    scratch = np.empty(nb * s_total + 2 * len(order), dtype=np.int64)
+    written = library().rm_fill_sparse(
+        nb, bsz, len(order), p[0], s_total, n_parts, *p[1:7], memo_n, p[7], values.size, p[8], p[9], address(scratch)
+    )
+    if written < 0:
+        raise ValueError(f"fill_sparse: the block's ids do not fit in {values.size} values")
+    return written
+
+
+def fill_rows(
+    nb: int,
+    bsz: int,
+    order: np.ndarray,
+    part_start: np.ndarray,
+    dense_FP: np.ndarray,
+    labels_KP: np.ndarray,
+    user_P: np.ndarray,
+    row_P: np.ndarray,
+    out: dict[str, np.ndarray],
+    stats_columns: tuple[int, int, int, int],
+) -> None:
+    """Write the per-row arrays of a block of nb batches of bsz rows (`rm_fill_rows` in native.c).
+
+    Args:
+        order, part_start: as in `fill_sparse`.
+        dense_FP, labels_KP: uint64 F x P / K x P, addresses of float32 columns per slice.
+        user_P, row_P: uint64 P, addresses of int64 id columns per slice, 0 for none.
+        out: the block's arrays ("dense" nb x bsz x F, "labels" nb x bsz x K, "weights", "user", "row"
+            nb x bsz, "stats" nb x C), written in full.
+        stats_columns: the stats columns of non-finite dense repairs, padded rows, real rows and the
+            audit checksum; the other columns are set to 0.
+    """
+    n_parts = len(part_start) - 1
+    checks = (
+        (order, np.int64), (part_start, np.int64), (dense_FP, np.uint64), (labels_KP, np.uint64), (user_P, np.uint64),
+        (row_P, np.uint64), (out["dense"], np.float32), (out["labels"], np.float32), (out["weights"], np.float32),
+        (out["user"], np.int64), (out["row"], np.int64), (out["stats"], np.int64),
+    )  # fmt: skip
+    p = _check(tuple(a for a, _ in checks), tuple(d for _, d in checks), "fill_rows")
+    if out["weights"].shape != (nb, bsz) or dense_FP.shape[1:] != (n_parts,) or labels_KP.shape[1:] != (n_parts,):
+        raise ValueError(f"fill_rows: arrays do not fit {nb} x {bsz} rows from {n_parts} slices")
+    scratch = np.empty(2 * len(order), dtype=np.int64)
+    library().rm_fill_rows(
+        nb, bsz, len(order), p[0], n_parts, p[1], len(dense_FP), p[2], len(labels_KP), p[3], p[4], p[5], *p[6:],
+        out["stats"].shape[1], *stats_columns, address(scratch),
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m pipeline.native", description="Build the pipeline's compiled pass.")
+    p.parse_args(argv)
+    try:
+        print(build())
+    except RuntimeError as e:
+        sys.exit(f"pipeline.native: {e}")
+
+
+if __name__ == "__main__":
+    main()
