@@ -20,7 +20,9 @@ configs/default.toml), ratio_vs_pyarrow, plus per-worker-count figures.
 its reader processes, sampled every 16 batches) over the idle process (torch, torchrec and the plan
 loaded), which must stay under the budget. It does not depend on the dataset size: one shuffle
 window, `data.prefetch_row_groups` decoded row groups and the id memo tables (8 MiB per vocab size,
-built in the trainer and shared with forked readers), plus the allocators' retained pages.
+built in the trainer and shared with forked readers), plus the allocators' retained pages; with
+reader processes also their ring of shared-memory blocks and the copy-on-write copies of the
+trainer's Python heap that a forked process touches.
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rows", type=int, default=2_000_000, help="rows of synthetic data")
     p.add_argument("--files", type=int, default=16)
     p.add_argument("--workers", default="0,1", help="reader counts to measure (comma-separated)")
-    p.add_argument("--repeats", type=int, default=2, help="best of this many passes per measurement")
+    p.add_argument("--repeats", type=int, default=3, help="best of this many passes per measurement")
     p.add_argument("--data", default="", help="existing dataset directory to use instead of generating one")
     p.add_argument("--memory", action="store_true", help="instead: peak RSS on a dataset 10x --budget-mb")
     p.add_argument("--budget-mb", type=int, default=192, help="memory budget for --memory")

@@ -74,8 +74,11 @@ class DataConfig:
     """Reader processes per rank (0 reads in the training process)."""
     shuffle: bool = True
     """Shuffle work units per (seed, epoch) and rows within a bounded window."""
-    shuffle_window: int = 8192
-    """Rows held in the in-window shuffle buffer of each reader."""
+    shuffle_window: int = 16384
+    """Rows held in the in-window shuffle buffer of each reader (rounded down to whole batches). The
+    per-window work is amortised over more rows as it grows (bench.pipeline: 16384 reads ~3% cheaper
+    than 8192 per row; 32768 no better), and it bounds memory: one window plus
+    `prefetch_row_groups` decoded row groups per reader."""
     drop_last: bool = True
     """Balance ranks by dropping the uneven tail of an epoch (True) or padding it with zero-weight rows
     (False: empty bags, zero dense and labels, row id -1); either way every rank runs the same number

@@ -1,22 +1,18 @@
-"""Arrow row-group slices -> one shuffle window of hashed numpy columns -> blocks of ready batches.
+"""Decoded pieces -> one shuffle window (addresses only) -> blocks of ready batches.
 
 Legend: N rows in a window, B batch size, J batches in a block, F dense features, K label columns
-(tasks), S sparse features, R scalar sparse features, C health counters, V ids in a block.
+(tasks), S sparse features, P pieces a window spans, V ids in a block.
 
 Two steps (no per-row Python; per-batch Python only to hand out views):
-1. `to_window`: the table slices of a window are decoded column chunk by column chunk, in file order.
-   Sparse ids stay where Arrow decoded them whenever they can (one chunk, no nulls, nothing to
-   truncate: zero-copy views), else they are repaired into one array per feature. Ids of 'hash'
-   features are not hashed here; 'modulo' ids are mapped (and counted) here. Nothing is permuted.
-2. `fill_block`: batches [j0, j1) of the window, rows in the window's shuffled order, go straight into
-   one contiguous buffer (`alloc`: a plain or a shared-memory tensor), from which `block_batches`
-   hands out zero-copy views. The sparse ids are gathered, hashed and laid out in KJT order by one
-   call of the compiled pass (`pipeline.native`); dense values, labels and ids by numpy gathers.
+1. `to_window`: a window is the rows [a, b) of one or more decoded pieces (`pipeline.decode`), in
+   file order; it only records where each column of each piece starts. Nothing moves or is permuted.
+2. `fill_block`: batches [j0, j1) of the window, rows in the window's shuffled order, are written
+   into one contiguous buffer (`alloc`: a plain or a shared-memory tensor) by the compiled pass
+   (`pipeline.native`): sparse ids gathered, hashed and laid out in KJT order, dense values (NaN/inf
+   -> 0, counted), labels, weights, user and row ids and the per-batch counters. `block_batches`
+   hands out zero-copy views of it.
 
-Repairs happen in step 1 and are counted per row (so every batch knows exactly what it carried):
-NaN/inf dense values -> 0 (`dense_nonfinite_repaired`), null dense/id/user values -> 0 or an empty bag
-(`nulls_repaired`), ids hashed into range by 'modulo' mapping (`ids_out_of_range`). Labels are
-validated where the file and row group are known (pipeline.reader), never repaired.
+Repairs made while decoding are counted per row in the pieces and summed per batch here.
 """
 
 from __future__ import annotations
@@ -27,17 +23,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from pipeline import native
-from pipeline.config import DataConfig, FeaturesConfig, SparseFeature
-from pipeline.ids import MEMO_IDS, hash_strings, map_ids_into, memo_for
+from pipeline.config import FeaturesConfig
+from pipeline.decode import HEALTH, NONFINITE, Piece
+from pipeline.ids import MEMO_IDS, memo_for
 
-HEALTH = ("dense_nonfinite_repaired", "nulls_repaired", "ids_out_of_range")
-"""Per-row counters carried by every window, in this column order."""
-_NONFINITE, _NULLS, _OOR = range(3)
 STATS = (*HEALTH, "padded_rows", "rows")
 """Per-batch counters of a block, in this order; a block's stats rows carry one more entry after them:
 the batch's audit checksum (sum of mix64(row id) mod 2**64, as int64 bits)."""
@@ -84,175 +76,40 @@ class Window:
     health_NC: np.ndarray | None  # int64 per-row repair counters, None when nothing was repaired
 
 
-def _np(arr: pa.Array) -> np.ndarray:
-    return arr.to_numpy(zero_copy_only=False)
+Slice = tuple[Piece, int, int]
+"""(piece, a, b): rows [a, b) of a decoded piece."""
 
 
-class _Health:
-    """Per-row repair counters of a window, allocated on the first repair."""
-
-    def __init__(self, n: int):
-        self.n, self.nc = n, None
-
-    def add(self, c: int, a: int, counts: np.ndarray) -> None:
-        if self.nc is None:
-            self.nc = np.zeros((self.n, len(HEALTH)), dtype=np.int64)
-        self.nc[a : a + len(counts), c] += counts
-
-
-def _flat_ids(arr: pa.Array, sf: SparseFeature) -> tuple[np.ndarray, np.ndarray | None]:
-    """(raw ids int64, valid mask or None when no nulls) of a flat id array (strings hashed first)."""
-    if sf.dtype == "string":
-        ids, valid = hash_strings(arr)
-        return ids, (valid if arr.null_count else None)
-    if arr.null_count:
-        return _np(arr.fill_null(0)).astype(np.int64, copy=False), np.asarray(arr.is_valid())
-    return _np(arr).astype(np.int64, copy=False), None
-
-
-def _map_into(
-    ids: np.ndarray, sf: SparseFeature, out: np.ndarray, health: _Health, a: int, lens: np.ndarray | None = None
-) -> None:
-    """Map the raw ids of window rows [a, ...) into `out` (`lens`: ids per row, None for one id per row);
-    ids hashed into range are counted on their rows. 'hash' ids are copied: `fill_block` hashes them."""
-    if sf.id_mapping == "hash":
-        out[...] = ids
-        return
-    oor = map_ids_into(ids, sf.vocab_size, sf.id_mapping, out)
-    if oor is not None:
-        rows = np.arange(len(ids)) if lens is None else np.repeat(np.arange(len(lens)), lens)
-        health.add(_OOR, a, np.bincount(rows[oor], minlength=len(ids) if lens is None else len(lens)))
-
-
-def _list_chunk(arr: pa.Array, sf: SparseFeature, a: int, health: _Health) -> tuple[np.ndarray, np.ndarray]:
-    """(lengths int64, raw ids int64) of one list chunk of window rows [a, a + len), null lists and
-    null ids dropped (and counted), each list truncated to its last max_len ids."""
-    n = len(arr)
-    if arr.null_count:
-        health.add(_NULLS, a, (~np.asarray(arr.is_valid())).astype(np.int64))
-        lengths = _np(pc.list_value_length(arr).fill_null(0)).astype(np.int64)
-        ids, valid = _flat_ids(arr.flatten(), sf)
-    else:
-        offs = _np(arr.offsets)
-        lengths = np.diff(offs).astype(np.int64)
-        ids, valid = _flat_ids(arr.values.slice(int(offs[0]), int(offs[-1] - offs[0])), sf)
-    if valid is not None:  # null ids inside lists are dropped and counted
-        dropped = np.bincount(np.repeat(np.arange(n), lengths)[~valid], minlength=n)
-        health.add(_NULLS, a, dropped)
-        lengths = lengths - dropped
-        ids = ids[valid]
-    if n and lengths.max() > sf.max_len:  # keep the last max_len ids of each row
-        keep = np.minimum(lengths, sf.max_len)
-        shift = np.cumsum(lengths) - np.cumsum(keep)  # first kept id of a row minus its new offset
-        ids = ids[np.repeat(shift, keep) + np.arange(int(keep.sum()))]
-        lengths = keep
-    return lengths, ids
-
-
-Columns = dict[str, pa.Array]
-"""One slice of a window: column name -> its values as one array."""
-
-
-def _slices(parts: list[pa.Table]) -> list[Columns]:
-    one = lambda col: col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()  # noqa: E731
-    return [{name: one(col) for name, col in zip(t.column_names, t.columns)} for t in parts]
-
-
-def _is_jagged(sf: SparseFeature, slices: list[Columns]) -> bool:
-    """Lists, and scalar features with nulls in this window (bags of 0 or 1 id), need offsets."""
-    return sf.max_len > 1 or any(c[sf.name].null_count for c in slices)
-
-
-def _slice_ids(arr: pa.Array, sf: SparseFeature, jagged: bool, a: int, health: _Health) -> tuple[np.ndarray, ...]:
-    """(ids int64, offsets int64 or nothing) of one feature in one slice (window rows a ..): views of
-    Arrow's buffers when there is nothing to repair or map here (no nulls, int64 ids, 'hash' or 'raw'),
-    else null lists and null ids dropped (and counted), lists truncated to their last max_len ids and
-    'modulo' ids mapped (and counted) into new arrays."""
-    n = len(arr)
-    if sf.dtype != "string" and sf.id_mapping != "modulo" and not arr.null_count:
-        if sf.max_len == 1:
-            ids = np.ascontiguousarray(_np(arr), dtype=np.int64)
-            return (ids, np.arange(n + 1, dtype=np.int64)) if jagged else (ids,)
-        values = arr.values
-        if not values.null_count and pa.types.is_int64(values.type):
-            return _np(values), _np(arr.offsets).astype(np.int64)  # offsets index the unsliced values
-    if sf.max_len == 1:
-        raw, valid = _flat_ids(arr, sf)
-        if valid is not None:
-            health.add(_NULLS, a, (~valid).astype(np.int64))
-            raw = raw[valid]
-        lens = None if valid is None else valid.astype(np.int64)
-    else:
-        lens, raw = _list_chunk(arr, sf, a, health)
-    ids = np.empty(len(raw), dtype=np.int64)
-    _map_into(raw, sf, ids, health, a, lens)
-    if not jagged:
-        return (ids,)
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.ones(n, np.int64) if lens is None else lens, out=offsets[1:])
-    return ids, offsets
-
-
-def _float_columns(
-    slices: list[Columns], names: list[str], part_start: np.ndarray, health: _Health, keep: list[object]
-) -> np.ndarray:
-    """uint64 len(names) x P addresses of each column's float32 values per slice (nulls -> 0, counted)."""
-    out = np.zeros((len(names), len(slices)), dtype=np.uint64)
-    for f, name in enumerate(names):
-        for p, cols in enumerate(slices):
-            arr = cols[name]
-            if arr.null_count:
-                health.add(_NULLS, int(part_start[p]), (~np.asarray(arr.is_valid())).astype(np.int64))
-                arr = arr.fill_null(0)
-            values = np.ascontiguousarray(_np(arr), dtype=np.float32)
-            out[f, p] = values.ctypes.data
-            keep.append(values)
-    return out
-
-
-def _id_column(
-    slices: list[Columns], name: str, part_start: np.ndarray, health: _Health, keep: list[object]
-) -> np.ndarray:
-    """uint64 P addresses of an int64 id column per slice (nulls -> 0, counted); zeros without a column.
-    (Row ids are never null: pipeline.reader rejects them.)"""
-    out = np.zeros(len(slices), dtype=np.uint64)
-    for p, cols in enumerate(slices if name else []):
-        arr = cols[name]
-        if arr.null_count:
-            health.add(_NULLS, int(part_start[p]), (~np.asarray(arr.is_valid())).astype(np.int64))
-            arr = arr.fill_null(0)
-        values = np.ascontiguousarray(_np(arr), dtype=np.int64)
-        out[p] = values.ctypes.data
-        keep.append(values)
-    return out
-
-
-def to_window(
-    parts: list[pa.Table], data: DataConfig, features: FeaturesConfig, perm: np.ndarray | None = None
-) -> Window:
-    """Decode and repair the N >= 1 rows of `parts` (label-validated table slices, concatenated in this
-    order) into a Window; `perm` (a permutation of range(N)) is the order rows go out in, else file order."""
-    n = sum(t.num_rows for t in parts)
-    health = _Health(n)
-    n_parts, n_sparse = len(parts), len(features.sparse)
+def to_window(slices: list[Slice], features: FeaturesConfig, perm: np.ndarray | None = None) -> Window:
+    """The N >= 1 rows of `slices` (concatenated in this order) as a Window; `perm` (a permutation of
+    range(N)) is the order rows go out in, else file order. Only addresses are computed: no data moves."""
+    n_parts, n_sparse = len(slices), len(features.sparse)
     part_start = np.zeros(n_parts + 1, dtype=np.int64)
-    np.cumsum([t.num_rows for t in parts], out=part_start[1:])
+    np.cumsum([b - a for _, a, b in slices], out=part_start[1:])
+    n = int(part_start[-1])
+    pieces = [p for p, _, _ in slices]
+    jagged = [sf.max_len > 1 or any(p.offsets[s] is not None for p in pieces) for s, sf in enumerate(features.sparse)]
     ids_SP = np.zeros((n_sparse, n_parts), dtype=np.uint64)
     offsets_SP = np.zeros((n_sparse, n_parts), dtype=np.uint64)
-    keep: list[object] = []
-    slices = _slices(parts)
-    dense_FP = _float_columns(slices, features.dense, part_start, health, keep)
-    labels_KP = _float_columns(slices, features.labels, part_start, health, keep)
-    user_P = _id_column(slices, features.user_id, part_start, health, keep)
-    row_P = _id_column(slices, data.row_id_column, part_start, health, keep)
-    for s, sf in enumerate(features.sparse):
-        jagged = _is_jagged(sf, slices)
-        for p, cols in enumerate(slices):
-            arrays = _slice_ids(cols[sf.name], sf, jagged, int(part_start[p]), health)
-            ids_SP[s, p] = arrays[0].ctypes.data
-            if jagged:
-                offsets_SP[s, p] = arrays[1].ctypes.data
-            keep.extend(arrays)
+    dense_FP = np.zeros((len(features.dense), n_parts), dtype=np.uint64)
+    labels_KP = np.zeros((len(features.labels), n_parts), dtype=np.uint64)
+    user_P, row_P = np.zeros(n_parts, dtype=np.uint64), np.zeros(n_parts, dtype=np.uint64)
+    for p, (piece, a, _) in enumerate(slices):
+        a4, a8 = np.uint64(4 * a), np.uint64(8 * a)
+        dense_FP[:, p] = piece.dense_addr + a4
+        labels_KP[:, p] = piece.labels_addr + a4
+        user_P[p] = piece.user_addr + 8 * a if piece.user_addr else 0
+        row_P[p] = piece.row_addr + 8 * a if piece.row_addr else 0
+        for s in range(n_sparse):  # bags: ids stay put, the offsets start at row a; else ids start at row a
+            if jagged[s]:
+                ids_SP[s, p] = piece.ids_addr[s]
+                offsets_SP[s, p] = piece.with_offsets(s) + 8 * a
+            else:
+                ids_SP[s, p] = piece.ids_addr[s] + a8
+    health_NC = None
+    if any(p.health_NC is not None for p, _, _ in slices):
+        zeros = lambda a, b: np.zeros((b - a, len(HEALTH)), dtype=np.int64)  # noqa: E731
+        health_NC = np.concatenate([zeros(a, b) if p.health_NC is None else p.health_NC[a:b] for p, a, b in slices])
     vocab_S = np.array([sf.vocab_size if sf.id_mapping == "hash" else 0 for sf in features.sparse], dtype=np.uint64)
     memo_S = np.zeros(n_sparse, dtype=np.uint64)
     for s, v in enumerate(vocab_S.tolist()):
@@ -261,8 +118,8 @@ def to_window(
     max_len_S = np.array([sf.max_len for sf in features.sparse], dtype=np.int64)
     order = perm.astype(np.int64, copy=False) if perm is not None else np.arange(n, dtype=np.int64)
     return Window(
-        n, order, part_start, ids_SP, offsets_SP, max_len_S, vocab_S, memo_S, dense_FP, labels_KP, user_P, row_P, keep,
-        health.nc,
+        n, order, part_start, ids_SP, offsets_SP, max_len_S, vocab_S, memo_S, dense_FP, labels_KP, user_P, row_P,
+        pieces, health_NC,
     )  # fmt: skip
 
 
@@ -350,7 +207,7 @@ def _empty_window(features: FeaturesConfig) -> Window:
     )  # fmt: skip
 
 
-_STATS_COLUMNS = (_NONFINITE, len(HEALTH), len(HEALTH) + 1, len(STATS))
+_STATS_COLUMNS = (NONFINITE, len(HEALTH), len(HEALTH) + 1, len(STATS))
 """Where `native.fill_rows` writes non-finite repairs, padded rows, real rows and the audit checksum."""
 
 

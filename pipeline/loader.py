@@ -71,8 +71,10 @@ def _shared(nbytes: int) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage)[:nbytes]
 
 
-_RING = 8
-"""Shared-memory block buffers each reader process recycles."""
+_RING = 4
+"""Block buffers each reader recycles: the DataLoader keeps at most 2 blocks per reader in flight, the
+trainer holds one and the reader fills one; more is memory for nothing (a block is ~9 MB at the
+default config), fewer means fresh, page-faulting buffers."""
 
 
 class _Ring:

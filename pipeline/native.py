@@ -83,6 +83,8 @@ def _load() -> ctypes.CDLL:
     lib.rm_hash_mod.restype = None
     lib.rm_fill_rows.argtypes = [i64, i64, i64, p, i64, p, i64, p, i64, p, p, p, *[p] * 6, *[i64] * 5, p]
     lib.rm_fill_rows.restype = None
+    lib.rm_permutation.argtypes = [i64, p, i64, p]
+    lib.rm_permutation.restype = None
     lib.rm_count_ids.argtypes = [i64, p, i64, i64, p, p, p, p]
     lib.rm_count_ids.restype = i64
     lib.rm_fill_sparse.argtypes = [i64, i64, i64, p, i64, i64, p, p, p, p, p, p, u64, p, i64, p, p, p]
@@ -110,6 +112,15 @@ def hash_mod(ids: np.ndarray, vocab_size: int, out: np.ndarray) -> None:
     if ids.dtype != np.int64 or out.dtype != np.int64 or ids.size != out.size:
         raise ValueError("hash_mod needs int64 ids and out of one size")
     library().rm_hash_mod(address(ids), ids.size, vocab_size, address(out))
+
+
+def permutation(n: int, key: tuple[int, ...]) -> np.ndarray:
+    """int64 permutation of range(n), a pure function of n and the key words (each in [0, 2**64)):
+    the same on every machine and run (Fisher-Yates over a splitmix64 stream)."""
+    out = np.empty(n, dtype=np.int64)
+    words = np.array(key, dtype=np.uint64)
+    library().rm_permutation(n, address(words), len(words), address(out))
+    return out
 
 
 def _check(arrays: tuple[np.ndarray, ...], dtypes: tuple[type, ...], where: str) -> list[int]:

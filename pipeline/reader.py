@@ -2,14 +2,15 @@
 
 A reader's real rows are cut into windows of S rows (S = data.shuffle_window rounded down to a
 multiple of the batch size B, at least B). Window w (rows [w*S, (w+1)*S) of the reader's stream)
-is permuted by a generator seeded with (seed, epoch, reader, w) and cut into S / B batches, so a
+is permuted (`native.permutation` of (seed, epoch, reader, w)) and cut into S / B batches, so a
 batch never straddles windows and the reader's whole position is one integer (batches done): a
 resumed reader recomputes the window, re-permutes it and skips the batches already consumed. The
 batches of a window leave as one block (`convert.fill_block`): one buffer, one message.
 
-Memory per reader: one window of decoded rows plus at most `data.prefetch_row_groups` decoded pieces
-(row-group slices) read ahead by one background thread. Row groups are read one at a time
-(`ParquetFile.read_row_group`), never the whole file.
+Memory per reader: the decoded pieces (row groups, or their planned row ranges) one window spans plus
+at most `data.prefetch_row_groups` more, read ahead and converted (`decode.decode_piece`) by one
+background thread. Row groups are read one at a time (`ParquetFile.read_row_group`), never the whole
+file.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from pipeline import native
 from pipeline.config import DataConfig, FeaturesConfig
-from pipeline.convert import Block, fill_block, to_window
+from pipeline.convert import Block, Slice, fill_block, to_window
+from pipeline.decode import Piece, decode_piece
 from pipeline.errors import DataError
 from pipeline.plan import DatasetPlan, WorkUnit
 from pipeline.split import ReaderSpan
@@ -58,8 +61,8 @@ def check_labels(table: pa.Table, labels: list[str], path: str, row_group: int) 
 class PieceReader:
     """Reads row-group slices of a plan with a small cache of open files and a read-ahead thread."""
 
-    def __init__(self, plan: DatasetPlan, data: DataConfig, labels: list[str], max_open: int = 4):
-        self.plan, self.data, self.labels, self.max_open = plan, data, labels, max_open
+    def __init__(self, plan: DatasetPlan, data: DataConfig, features: FeaturesConfig, max_open: int = 4):
+        self.plan, self.data, self.features, self.max_open = plan, data, features, max_open
         self._files: OrderedDict[int, pq.ParquetFile] = OrderedDict()
         self._pool: ThreadPoolExecutor | None = None
 
@@ -77,8 +80,9 @@ class PieceReader:
             self._files.popitem(last=False)[1].close()
         return pf
 
-    def read(self, piece: WorkUnit) -> pa.Table:
-        """Decode rows [start, stop) of one row group (the columns of the plan), labels validated."""
+    def read(self, piece: WorkUnit) -> Piece:
+        """Decode rows [start, stop) of one row group (the columns of the plan), labels validated, into
+        the arrays the compiled pass reads (`decode.decode_piece`)."""
         path = self.plan.files[piece.file_index]
         try:
             table = self._file(piece.file_index).read_row_group(
@@ -89,11 +93,11 @@ class PieceReader:
             raise DataError(f"{path}: row group {piece.row_group}: cannot decode (corrupt file?): {msg}") from None
         if piece.start or piece.stop != table.num_rows:
             table = table.slice(piece.start, piece.num_rows)
-        check_labels(table, self.labels, path, piece.row_group)
+        check_labels(table, self.features.labels, path, piece.row_group)
         rid = self.data.row_id_column
         if rid and table.column(rid).null_count:
             raise DataError(f"{path}: column '{rid}' row group {piece.row_group}: null row ids; row ids must be set")
-        return table
+        return decode_piece(table, self.data, self.features)
 
     def submit(self, piece: WorkUnit) -> Future:
         if self._pool is None:
@@ -119,7 +123,7 @@ class RowStream:
         self.begins = self.ends - sizes
         self._pending: dict[int, Future] = {}
 
-    def _get(self, i: int) -> pa.Table:
+    def _get(self, i: int) -> Piece:
         for j in [j for j in self._pending if j < i]:  # pieces behind us (resume skipped them)
             self._pending.pop(j).cancel()
         for j in range(i, min(len(self.pieces), i + self.prefetch)):
@@ -127,8 +131,8 @@ class RowStream:
                 self._pending[j] = self.reader.submit(self.pieces[j])
         return self._pending[i].result()
 
-    def take(self, lo: int, hi: int) -> list[pa.Table]:
-        """Rows [lo, hi) of the stream, as slices of the decoded pieces (no copy); successive calls
+    def take(self, lo: int, hi: int) -> list[Slice]:
+        """Rows [lo, hi) of the stream, as (piece, a, b) slices of the decoded pieces; successive calls
         must not go backwards."""
         first = int(np.searchsorted(self.ends, lo, side="right"))
         parts = []
@@ -137,7 +141,7 @@ class RowStream:
             t = self._get(i)
             a = max(lo, int(self.begins[i])) - int(self.begins[i])
             b = min(hi, int(self.ends[i])) - int(self.begins[i])
-            parts.append(t.slice(a, b - a))
+            parts.append((t, a, b))
             if self.ends[i] <= hi:  # fully consumed: release it
                 self._pending.pop(i, None)
             i += 1
@@ -169,7 +173,7 @@ def iter_reader(
     win = window_rows(data.shuffle_window, bsz)
     per_win = win // bsz
     real = span.real_rows
-    reader = PieceReader(plan, data, features.labels)
+    reader = PieceReader(plan, data, features)
     stream = RowStream(reader, span.pieces, data.prefetch_row_groups)
     try:
         b = start_batch
@@ -182,8 +186,8 @@ def iter_reader(
                 parts = stream.take(lo, hi)
                 perm = None
                 if shuffle:
-                    perm = np.random.default_rng([seed, epoch, reader_id, w, 0xB10C]).permutation(hi - lo)
-                window = to_window(parts, data, features, perm)
+                    perm = native.permutation(hi - lo, (seed, epoch, reader_id, w, 0xB10C))
+                window = to_window(parts, features, perm)
             last = min(span.num_batches, (w + 1) * per_win)
             yield fill_block(window, b - w * per_win, last - w * per_win, bsz, features, alloc)
             b = last

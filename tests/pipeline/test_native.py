@@ -1,7 +1,7 @@
 """The compiled pass (pipeline/native.c) against plain-Python references: the modulo by reciprocal is
-exact for every divisor, blocks built from multi-slice windows (nulls in one slice only, truncated
-lists, strings, 'modulo' and 'raw' ids, padding) equal a row-by-row reference, and building fails with
-one line when there is no compiler."""
+exact for every divisor, blocks built from windows over several decoded pieces (slices starting
+mid-piece, nulls in one piece only, truncated lists, strings, 'modulo' and 'raw' ids, NaN dense values,
+padding) equal a row-by-row reference, and building fails with one line when there is no compiler."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from pipeline import ids, native
 from pipeline.config import DataConfig, FeaturesConfig, SparseFeature
 from pipeline.convert import STATS, block_arrays, fill_block, to_window
+from pipeline.decode import decode_piece
 
 DIVISORS = [1, 2, 3, 7, 1000, 99_991, 2**20, 2**31 - 1, 2**32 + 15, 2**40 + 3, 2**62 + 1, 2**63, 2**63 + 1, 2**64 - 1]
 
@@ -84,10 +85,12 @@ def _reference_row(r: int, nulls_part: bool) -> dict[str, list[int]]:
 
 @pytest.mark.parametrize("perm_seed", [None, 3])
 def test_blocks_from_multi_slice_windows_match_a_row_by_row_reference(perm_seed):
-    parts = [_slice_table(0, 11, False), _slice_table(11, 6, True).slice(1, 5), _slice_table(17, 9, False)]
-    n = sum(p.num_rows for p in parts)
+    tables = [_slice_table(0, 11, False), _slice_table(11, 6, True), _slice_table(17, 12, False)]
+    pieces = [decode_piece(t, DataConfig(), FEATURES) for t in tables]
+    slices = [(pieces[0], 0, 11), (pieces[1], 1, 6), (pieces[2], 0, 9)]  # rows 0..10, 12..16, 17..25
+    n = sum(b - a for _, a, b in slices)
     perm = None if perm_seed is None else np.random.default_rng(perm_seed).permutation(n)
-    win = to_window(parts, DataConfig(), FEATURES, perm)
+    win = to_window(slices, FEATURES, perm)
     bsz, nb = 4, 7  # 28 rows: the last batches are partly and fully padding
     buf, header = fill_block(win, 0, nb, bsz, FEATURES, lambda k: torch.zeros(k, dtype=torch.uint8))
     arr = block_arrays(buf.numpy(), header)
@@ -128,7 +131,7 @@ def test_blocks_from_multi_slice_windows_match_a_row_by_row_reference(perm_seed)
 
 
 def test_fill_sparse_refuses_ids_that_do_not_fit():
-    win = to_window([_slice_table(0, 8, False)], DataConfig(), FEATURES)
+    win = to_window([(decode_piece(_slice_table(0, 8, False), DataConfig(), FEATURES), 0, 8)], FEATURES)
     sparse = (win.part_start, win.ids_SP, win.offsets_SP, win.max_len_S)
     values, lengths, voff = np.empty(3, np.int64), np.empty((2, 5, 4), np.int32), np.empty(3, np.int64)
     with pytest.raises(ValueError, match="do not fit in 3 values"):
