@@ -182,14 +182,14 @@ def fill_block(
         win = _empty_window(features)
     order = win.order[first : first + max(0, min(nb * bsz, win.n - first))]
     sparse = (win.part_start, win.ids_SP, win.offsets_SP, win.max_len_S)
-    n_ids = native.count_ids(order, *sparse)
+    plan, n_ids = native.plan_block(nb, bsz, order, win.part_start, win.offsets_SP, win.max_len_S)
     header: Header = (nb, bsz, len(features.sparse), len(features.dense), len(features.labels), n_ids)
     buf = alloc(block_sections(header)["_total"][0])
     arr = block_arrays(buf.numpy(), header)
-    native.fill_sparse(nb, bsz, order, *sparse, win.vocab_S, win.memo_S, MEMO_IDS, arr["values"], arr["lengths"],
-                       arr["voff"])  # fmt: skip
+    native.fill_sparse(nb, bsz, len(order), plan, *sparse, win.vocab_S, win.memo_S, MEMO_IDS, arr["values"],
+                       arr["lengths"], arr["voff"])  # fmt: skip
     rows = (win.part_start, win.dense_FP, win.labels_KP, win.user_P, win.row_P)
-    native.fill_rows(nb, bsz, order, *rows, arr, _STATS_COLUMNS)
+    native.fill_rows(nb, bsz, len(order), plan, *rows, arr, _STATS_COLUMNS)
     if win.health_NC is not None and len(order):  # repairs made while decoding, per row
         h = np.zeros((nb * bsz, len(HEALTH)), dtype=np.int64)
         np.take(win.health_NC, order, axis=0, out=h[: len(order)], mode="clip")

@@ -107,27 +107,35 @@ static inline int64_t clip(int64_t m, int64_t lo, int64_t hi) { return m < lo ? 
  * ids[offsets[local] .. offsets[local + 1]). */
 #define SRC(arr, s, i) ((const int64_t *)(uintptr_t)(arr)[(s) * n_parts + part[i]])
 
-/* The number of ids the rows order[0 .. n_real) carry over all s_total features (see rm_fill_sparse). */
-int64_t rm_count_ids(int64_t n_real, const int64_t *order, int64_t s_total, int64_t n_parts, const int64_t *part_start,
-                     const uint64_t *offsets, const int64_t *max_len, int64_t *scratch) {
-    int64_t *part = scratch, *local = scratch + n_real, total = 0;
+/* Plan a block of nb batches of bsz rows whose real rows are the window rows order[0 .. n_real)
+ * (batch j holds order[j*bsz .. j*bsz + m_j)): into plan (2 x n_real + nb x s_total + 1 int64) go
+ * where every output row comes from (part, local: its slice and its row there) and where the ids of
+ * every (batch, feature) start in the block's values, then their total, which is returned.
+ * part_start, offsets and max_len as in rm_fill_sparse. */
+int64_t rm_plan_block(int64_t nb, int64_t bsz, int64_t n_real, const int64_t *order, int64_t s_total, int64_t n_parts,
+                      const int64_t *part_start, const uint64_t *offsets, const int64_t *max_len, int64_t *plan) {
+    int64_t *part = plan, *local = plan + n_real, *start = plan + 2 * n_real, pos = 0;
     locate(n_real, order, n_parts, part_start, part, local);
-    for (int64_t s = 0; s < s_total; s++) {
-        if (!offsets[s * n_parts]) {
-            total += n_real;
-            continue;
-        }
-        for (int64_t i = 0; i < n_real; i++) {
-            const int64_t *off = SRC(offsets, s, i);
-            total += clip(off[local[i] + 1] - off[local[i]], 0, max_len[s]);
+    for (int64_t j = 0; j < nb; j++) {
+        const int64_t r0 = j * bsz, m = clip(n_real - r0, 0, bsz);
+        for (int64_t s = 0; s < s_total; s++) {
+            start[j * s_total + s] = pos;
+            if (!m || !offsets[s * n_parts]) {
+                pos += m;
+                continue;
+            }
+            for (int64_t i = r0; i < r0 + m; i++) {
+                const int64_t *off = SRC(offsets, s, i);
+                pos += clip(off[local[i] + 1] - off[local[i]], 0, max_len[s]);
+            }
         }
     }
-    return total;
+    start[nb * s_total] = pos;
+    return pos;
 }
 
-/* The sparse part of a block of nb batches of bsz rows (see pipeline/convert.py, fill_block).
+/* The sparse part of a block planned by rm_plan_block (see pipeline/convert.py, fill_block).
  *
- *   order       n_real window rows in the order they go out: batch j holds order[j*bsz .. j*bsz + m_j)
  *   part_start  n_parts + 1 window rows: the window is n_parts slices (decoded row groups), slice p
  *               holding window rows [part_start[p], part_start[p + 1])
  *   ids         s_total x n_parts addresses: feature s's int64 ids in slice p
@@ -136,40 +144,21 @@ int64_t rm_count_ids(int64_t n_real, const int64_t *order, int64_t s_total, int6
  *               of which the last max_len[s] are kept
  *   vocab       per feature: 0 -> copy the ids, > 0 -> hash them into [0, vocab)
  *   memo        per feature: address of its memo table (ids [0, memo_n) already mapped), or 0
- *   scratch     nb x s_total + 2 x n_real int64
  * Writes values (batch-major, key-major inside a batch; room for `cap` ids), lengths (nb x s_total x bsz
  * int32, padding rows 0) and voff (nb + 1 offsets of each batch's ids). Returns the number of ids
- * written, or -1 (values untouched) when they would not fit in cap.
+ * written, or -1 (nothing written) when they would not fit in cap.
  *
- * Two passes: lengths (and so where every (batch, feature) run of ids starts), then the ids feature by
- * feature: one feature's source ids and memo table stay in cache while all batches are written. */
-int64_t rm_fill_sparse(int64_t nb, int64_t bsz, int64_t n_real, const int64_t *order, int64_t s_total,
-                       int64_t n_parts, const int64_t *part_start, const uint64_t *ids, const uint64_t *offsets,
-                       const int64_t *max_len, const uint64_t *vocab, const uint64_t *memo, uint64_t memo_n,
-                       int64_t *values, int64_t cap, int32_t *lengths, int64_t *voff, int64_t *scratch) {
-    int64_t *part = scratch, *local = scratch + n_real, *start = scratch + 2 * n_real, pos = 0;
-    locate(n_real, order, n_parts, part_start, part, local);
-    for (int64_t j = 0; j < nb; j++) {
-        const int64_t r0 = j * bsz, m = clip(n_real - r0, 0, bsz);
-        voff[j] = pos;
-        for (int64_t s = 0; s < s_total; s++) {
-            int32_t *lens = lengths + (j * s_total + s) * bsz;
-            start[j * s_total + s] = pos;
-            if (m && !offsets[s * n_parts]) {
-                for (int64_t i = 0; i < m; i++) lens[i] = 1;
-                pos += m;
-            } else {
-                for (int64_t i = 0; i < m; i++) {
-                    const int64_t *off = SRC(offsets, s, r0 + i);
-                    lens[i] = (int32_t)clip(off[local[r0 + i] + 1] - off[local[r0 + i]], 0, max_len[s]);
-                    pos += lens[i];
-                }
-            }
-            for (int64_t i = m; i < bsz; i++) lens[i] = 0;
-        }
-    }
-    voff[nb] = pos;
-    if (pos > cap) return -1;
+ * Feature by feature: one feature's source ids and memo table stay in cache while all batches are
+ * written; its columns are first streamed in address order (they are fresh from the decoder, and the
+ * gathers below visit them in random order, which the hardware prefetcher cannot follow). */
+int64_t rm_fill_sparse(int64_t nb, int64_t bsz, int64_t n_real, int64_t s_total, int64_t n_parts,
+                       const int64_t *part_start, const uint64_t *ids, const uint64_t *offsets, const int64_t *max_len,
+                       const uint64_t *vocab, const uint64_t *memo, uint64_t memo_n, const int64_t *plan,
+                       int64_t *values, int64_t cap, int32_t *lengths, int64_t *voff) {
+    const int64_t *part = plan, *local = plan + n_real, *start = plan + 2 * n_real;
+    if (start[nb * s_total] > cap) return -1;
+    for (int64_t j = 0; j < nb; j++) voff[j] = start[j * s_total];
+    voff[nb] = start[nb * s_total];
     for (int64_t s = 0; s < s_total; s++) {
         const mapping mp = {vocab[s], memo_n, (const int64_t *)(uintptr_t)memo[s]};
         const divisor v = divisor_of(mp.d ? mp.d : 1);
@@ -185,11 +174,12 @@ int64_t rm_fill_sparse(int64_t nb, int64_t bsz, int64_t n_real, const int64_t *o
             }
         }
         for (int64_t j = 0; j < nb; j++) {
-            const int64_t r0 = j * bsz, m = clip(n_real - r0, 0, bsz);
+            const int64_t r0 = j * bsz, m = clip(n_real - r0, 0, bsz), end = r0 + m, last = n_real - 1;
             int64_t *dst = values + start[j * s_total + s];
-            if (!m) continue;
-            const int64_t end = r0 + m, last = n_real - 1;
+            int32_t *lens = lengths + (j * s_total + s) * bsz;
+            for (int64_t i = m; i < bsz; i++) lens[i] = 0;
             if (!offsets[s * n_parts]) {
+                for (int64_t i = 0; i < m; i++) lens[i] = 1;
                 if (mp.d) {
                     for (int64_t i = r0; i < end; i++) *dst++ = map_id(SRC(ids, s, i)[local[i]], &mp, &v);
                 } else {
@@ -197,14 +187,15 @@ int64_t rm_fill_sparse(int64_t nb, int64_t bsz, int64_t n_real, const int64_t *o
                 }
                 continue;
             }
-            const int32_t *lens = lengths + (j * s_total + s) * bsz;
             for (int64_t i = r0; i < end; i++) {
                 /* rows come in random order: prefetch the ids of the row PF ahead, and the offsets of
                  * the row 2 PF ahead (measured: ~10% faster on data fresh from the decoder) */
                 const int64_t f1 = i + PF < last ? i + PF : last, f2 = i + 2 * PF < last ? i + 2 * PF : last;
                 __builtin_prefetch(SRC(ids, s, f1) + SRC(offsets, s, f1)[local[f1]]);
                 __builtin_prefetch(SRC(offsets, s, f2) + local[f2]);
-                const int64_t *src = SRC(ids, s, i), b = SRC(offsets, s, i)[local[i] + 1], a = b - lens[i - r0];
+                const int64_t *src = SRC(ids, s, i), *off = SRC(offsets, s, i) + local[i];
+                const int64_t b = off[1], a = b - clip(b - off[0], 0, max_len[s]);
+                lens[i - r0] = (int32_t)(b - a);
                 if (!mp.d) {
                     for (int64_t k = a; k < b; k++) *dst++ = src[k];
                 } else {
@@ -213,7 +204,7 @@ int64_t rm_fill_sparse(int64_t nb, int64_t bsz, int64_t n_real, const int64_t *o
             }
         }
     }
-    return pos;
+    return voff[nb];
 }
 
 /* The per-row part of a block of nb batches of bsz rows: dense values, labels, weights, user and row
@@ -227,15 +218,13 @@ int64_t rm_fill_sparse(int64_t nb, int64_t bsz, int64_t n_real, const int64_t *o
  *   row       n_parts addresses of int64 row ids (0: no row-id column, row id -1)
  *   stats     nb x n_stats int64: sets i_nonfinite, i_padded (padding rows), i_rows (real rows) and
  *             i_checksum (sum of mix64(row id) mod 2**64 of the real rows) of each batch
- *   scratch   2 x n_real int64 */
-void rm_fill_rows(int64_t nb, int64_t bsz, int64_t n_real, const int64_t *order, int64_t n_parts,
+ *   plan      from rm_plan_block */
+void rm_fill_rows(int64_t nb, int64_t bsz, int64_t n_real, const int64_t *plan, int64_t n_parts,
                   const int64_t *part_start, int64_t n_dense, const uint64_t *dense, int64_t n_labels,
                   const uint64_t *labels, const uint64_t *user, const uint64_t *row, float *dense_out,
                   float *labels_out, float *weights_out, int64_t *user_out, int64_t *row_out, int64_t *stats,
-                  int64_t n_stats, int64_t i_nonfinite, int64_t i_padded, int64_t i_rows, int64_t i_checksum,
-                  int64_t *scratch) {
-    int64_t *part = scratch, *local = scratch + n_real;
-    locate(n_real, order, n_parts, part_start, part, local);
+                  int64_t n_stats, int64_t i_nonfinite, int64_t i_padded, int64_t i_rows, int64_t i_checksum) {
+    const int64_t *part = plan, *local = plan + n_real;
     for (int64_t p = 0; p < n_parts; p++) {  /* as in rm_fill_sparse: stream the columns in first */
         const int64_t rows = part_start[p + 1] - part_start[p];
         for (int64_t f = 0; f < n_dense; f++) sink += stream((const int64_t *)(uintptr_t)dense[f * n_parts + p], rows / 2);

@@ -81,13 +81,13 @@ def _load() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(build()))
     lib.rm_hash_mod.argtypes = [p, i64, u64, p]
     lib.rm_hash_mod.restype = None
-    lib.rm_fill_rows.argtypes = [i64, i64, i64, p, i64, p, i64, p, i64, p, p, p, *[p] * 6, *[i64] * 5, p]
+    lib.rm_fill_rows.argtypes = [i64, i64, i64, p, i64, p, i64, p, i64, p, p, p, *[p] * 6, *[i64] * 5]
     lib.rm_fill_rows.restype = None
     lib.rm_permutation.argtypes = [i64, p, i64, p]
     lib.rm_permutation.restype = None
-    lib.rm_count_ids.argtypes = [i64, p, i64, i64, p, p, p, p]
-    lib.rm_count_ids.restype = i64
-    lib.rm_fill_sparse.argtypes = [i64, i64, i64, p, i64, i64, p, p, p, p, p, p, u64, p, i64, p, p, p]
+    lib.rm_plan_block.argtypes = [i64, i64, i64, p, i64, i64, p, p, p, p]
+    lib.rm_plan_block.restype = i64
+    lib.rm_fill_sparse.argtypes = [i64, i64, i64, i64, i64, p, p, p, p, p, p, u64, p, p, i64, p, p]
     lib.rm_fill_sparse.restype = i64
     return lib
 
@@ -132,23 +132,27 @@ def _check(arrays: tuple[np.ndarray, ...], dtypes: tuple[type, ...], where: str)
     return out
 
 
-_WINDOW = (np.int64, np.int64, np.uint64, np.uint64, np.int64)
-
-
-def count_ids(
-    order: np.ndarray, part_start: np.ndarray, ids_SP: np.ndarray, offsets_SP: np.ndarray, max_len_S: np.ndarray
-) -> int:
-    """The number of ids the window rows `order` carry over all features (arguments as in `fill_sparse`)."""
-    s_total, n_parts = ids_SP.shape
-    p = _check((order, part_start, ids_SP, offsets_SP, max_len_S), _WINDOW, "count_ids")
-    scratch = np.empty(2 * len(order), dtype=np.int64)
-    return library().rm_count_ids(len(order), p[0], s_total, n_parts, p[1], p[3], p[4], address(scratch))
+def plan_block(
+    nb: int, bsz: int, order: np.ndarray, part_start: np.ndarray, offsets_SP: np.ndarray, max_len_S: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """Plan a block of nb batches of bsz rows whose real rows are the window rows `order` (batch j:
+    order[j * bsz : (j + 1) * bsz], fewer in the last ones): where each row comes from and where each
+    (batch, feature) run of ids starts (`rm_plan_block`). Returns (plan for `fill_sparse` and
+    `fill_rows`, the block's id count). Arguments as in `fill_sparse`."""
+    s_total, n_parts = offsets_SP.shape
+    p = _check((order, part_start, offsets_SP, max_len_S), (np.int64, np.int64, np.uint64, np.int64), "plan_block")
+    if len(part_start) != n_parts + 1 or len(order) > nb * bsz:
+        raise ValueError(f"plan_block: {len(order)} rows from {len(part_start) - 1} slices do not fit {nb} x {bsz}")
+    plan = np.empty(2 * len(order) + nb * s_total + 1, dtype=np.int64)
+    total = library().rm_plan_block(nb, bsz, len(order), p[0], s_total, n_parts, p[1], p[2], p[3], address(plan))
+    return plan, total
 
 
 def fill_sparse(
     nb: int,
     bsz: int,
-    order: np.ndarray,
+    n_real: int,
+    plan: np.ndarray,
     part_start: np.ndarray,
     ids_SP: np.ndarray,
     offsets_SP: np.ndarray,
@@ -160,11 +164,10 @@ def fill_sparse(
     lengths_JSB: np.ndarray,
     voff: np.ndarray,
 ) -> int:
-    """Write the sparse part of a block of nb batches of bsz rows (`rm_fill_sparse` in native.c).
+    """Write the sparse part of a block planned by `plan_block` (`rm_fill_sparse` in native.c).
 
     Args:
-        order: int64 n_real, the window rows of the block's batches in output order (batch j: rows
-            order[j * bsz : (j + 1) * bsz], fewer in the last ones).
+        n_real: real rows of the block (the length of the planned `order`).
         part_start: int64 P + 1, where each of the window's P slices starts (window rows).
         ids_SP: uint64 S x P, the address of feature s's int64 ids in slice p.
         offsets_SP: uint64 S x P, all 0 for a feature with one id per row, else the addresses of its
@@ -180,12 +183,13 @@ def fill_sparse(
     s_total, n_parts = ids_SP.shape
     if lengths_JSB.shape != (nb, s_total, bsz) or voff.shape != (nb + 1,) or len(part_start) != n_parts + 1:
         raise ValueError(f"fill_sparse: lengths {lengths_JSB.shape} / voff {voff.shape} do not fit {nb} x {bsz}")
-    dtypes = (*_WINDOW, np.uint64, np.uint64, np.int64, np.int32, np.int64)
-    arrays = (order, part_start, ids_SP, offsets_SP, max_len_S, vocab_S, memo_S, values, lengths_JSB, voff)
+    if len(plan) != 2 * n_real + nb * s_total + 1:
+        raise ValueError("fill_sparse: the plan is not of this block")
+    dtypes = (np.int64, np.uint64, np.uint64, np.int64, np.uint64, np.uint64, np.int64, np.int64, np.int32, np.int64)
+    arrays = (part_start, ids_SP, offsets_SP, max_len_S, vocab_S, memo_S, plan, values, lengths_JSB, voff)
     p = _check(arrays, dtypes, "fill_sparse")
-    scratch = np.empty(nb * s_total + 2 * len(order), dtype=np.int64)
     written = library().rm_fill_sparse(
-        nb, bsz, len(order), p[0], s_total, n_parts, *p[1:7], memo_n, p[7], values.size, p[8], p[9], address(scratch)
+        nb, bsz, n_real, s_total, n_parts, *p[:6], memo_n, p[6], p[7], values.size, p[8], p[9]
     )
     if written < 0:
         raise ValueError(f"fill_sparse: the block's ids do not fit in {values.size} values")
@@ -195,7 +199,8 @@ def fill_sparse(
 def fill_rows(
     nb: int,
     bsz: int,
-    order: np.ndarray,
+    n_real: int,
+    plan: np.ndarray,
     part_start: np.ndarray,
     dense_FP: np.ndarray,
     labels_KP: np.ndarray,
@@ -204,10 +209,10 @@ def fill_rows(
     out: dict[str, np.ndarray],
     stats_columns: tuple[int, int, int, int],
 ) -> None:
-    """Write the per-row arrays of a block of nb batches of bsz rows (`rm_fill_rows` in native.c).
+    """Write the per-row arrays of a block planned by `plan_block` (`rm_fill_rows` in native.c).
 
     Args:
-        order, part_start: as in `fill_sparse`.
+        n_real, plan, part_start: as in `fill_sparse`.
         dense_FP, labels_KP: uint64 F x P / K x P, addresses of float32 columns per slice.
         user_P, row_P: uint64 P, addresses of int64 id columns per slice, 0 for none.
         out: the block's arrays ("dense" nb x bsz x F, "labels" nb x bsz x K, "weights", "user", "row"
@@ -217,17 +222,18 @@ def fill_rows(
     """
     n_parts = len(part_start) - 1
     checks = (
-        (order, np.int64), (part_start, np.int64), (dense_FP, np.uint64), (labels_KP, np.uint64), (user_P, np.uint64),
+        (plan, np.int64), (part_start, np.int64), (dense_FP, np.uint64), (labels_KP, np.uint64), (user_P, np.uint64),
         (row_P, np.uint64), (out["dense"], np.float32), (out["labels"], np.float32), (out["weights"], np.float32),
         (out["user"], np.int64), (out["row"], np.int64), (out["stats"], np.int64),
     )  # fmt: skip
     p = _check(tuple(a for a, _ in checks), tuple(d for _, d in checks), "fill_rows")
     if out["weights"].shape != (nb, bsz) or dense_FP.shape[1:] != (n_parts,) or labels_KP.shape[1:] != (n_parts,):
         raise ValueError(f"fill_rows: arrays do not fit {nb} x {bsz} rows from {n_parts} slices")
-    scratch = np.empty(2 * len(order), dtype=np.int64)
+    if len(plan) < 2 * n_real:
+        raise ValueError("fill_rows: the plan is not of this block")
     library().rm_fill_rows(
-        nb, bsz, len(order), p[0], n_parts, p[1], len(dense_FP), p[2], len(labels_KP), p[3], p[4], p[5], *p[6:],
-        out["stats"].shape[1], *stats_columns, address(scratch),
+        nb, bsz, n_real, p[0], n_parts, p[1], len(dense_FP), p[2], len(labels_KP), p[3], p[4], p[5], *p[6:],
+        out["stats"].shape[1], *stats_columns,
     )  # fmt: skip
 
 
