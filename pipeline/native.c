@@ -180,7 +180,14 @@ int64_t rm_fill_sparse(int64_t nb, int64_t bsz, int64_t n_real, int64_t s_total,
             for (int64_t i = m; i < bsz; i++) lens[i] = 0;
             if (!offsets[s * n_parts]) {
                 for (int64_t i = 0; i < m; i++) lens[i] = 1;
-                if (mp.d) {
+                if (mp.memo) {  /* memo entries are random reads: prefetch the one PF rows ahead */
+                    for (int64_t i = r0; i < end; i++) {
+                        const int64_t f = i + PF < last ? i + PF : last;
+                        const uint64_t x = (uint64_t)SRC(ids, s, f)[local[f]];
+                        __builtin_prefetch(mp.memo + (x < mp.memo_n ? x : 0));
+                        *dst++ = map_id(SRC(ids, s, i)[local[i]], &mp, &v);
+                    }
+                } else if (mp.d) {
                     for (int64_t i = r0; i < end; i++) *dst++ = map_id(SRC(ids, s, i)[local[i]], &mp, &v);
                 } else {
                     for (int64_t i = r0; i < end; i++) *dst++ = SRC(ids, s, i)[local[i]];
