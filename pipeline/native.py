@@ -2,11 +2,12 @@
 
     python -m pipeline.native           # build it now (make install does), print where it lives
 
-One C function lays out the sparse ids of a whole block of batches: it takes each window row's ids
-in shuffled order (straight from Arrow's buffers where possible), hashes them (splitmix64 mod
-vocab_size, bit-identical to `pipeline.ids`) and writes the KJT values, lengths and per-batch offsets
-in place: one pass over the ids instead of numpy's hash, gather and permute passes (bench.pipeline
-measures the result).
+A block of batches is written by three calls: `plan_block` (where every output row comes from and
+where every (batch, feature) run of ids starts), `fill_sparse` (each row's ids in shuffled order,
+straight from Arrow's buffers where possible, hashed with splitmix64 mod vocab_size bit-identically to
+`pipeline.ids`, as KJT values / lengths / per-batch offsets) and `fill_rows` (dense values with
+NaN/inf repaired, labels, weights, user and row ids, per-batch counters and audit checksum).
+`permutation` shuffles a window. bench.pipeline measures the result.
 
 The library is compiled with the system C compiler (`$CC`, else cc, gcc or clang: the same compiler
 DeepSpeed's ops need) into `.build/native/` of the checkout (or $RANKMIXER_BUILD_DIR), named by a hash
