@@ -66,21 +66,10 @@ def _mod(h: np.ndarray, vocab_size: int) -> np.ndarray:
 
 MEMO_IDS = 1 << 20
 """Raw ids in [0, MEMO_IDS) are mapped through a lazily built table per vocab_size (8 MiB each, per
-process): one cached gather instead of ~10 arithmetic passes, identical results."""
+process, shared with forked readers): one cached read instead of the arithmetic, identical results.
+The compiled pass (`pipeline.native`) reads the same tables."""
 _MEMO_MIN_BATCH = 4096
 _memo: dict[int, np.ndarray] = {}
-
-
-def _mod_inplace(h: np.ndarray, vocab_size: int) -> None:
-    """h mod vocab_size of a flat uint64 array, in place, chunked like `_mix64_inplace`."""
-    v = np.uint64(vocab_size)
-    tmp = np.empty(min(_CHUNK, h.size), dtype=np.uint64)
-    for s in range(0, h.size, _CHUNK):
-        c = h[s : s + _CHUNK]
-        q = tmp[: c.size]
-        np.floor_divide(c, v, out=q)
-        np.multiply(q, v, out=q)
-        np.subtract(c, q, out=c)
 
 
 def _memo_table(vocab_size: int) -> np.ndarray:
@@ -121,18 +110,6 @@ def _hash_mod(ids: np.ndarray, vocab_size: int) -> np.ndarray:
     return _mod(mix64(ids), vocab_size)
 
 
-def _hash_mod_into(ids: np.ndarray, vocab_size: int, out: np.ndarray) -> None:
-    """out[:] = mix64(ids) mod vocab_size for flat int64 `ids` and a contiguous int64 `out` of the same
-    size: one cached gather when every id is small, else splitmix64 and the modulo in place in `out`."""
-    if _small(ids, vocab_size):
-        np.take(_memo_table(vocab_size), ids, out=out, mode="clip")  # in range: clip never clips
-        return
-    h = out.view(np.uint64)
-    h[...] = ids.view(np.uint64)
-    _mix64_inplace(h)
-    _mod_inplace(h, vocab_size)
-
-
 def map_ids(ids: np.ndarray, vocab_size: int, mode: str) -> np.ndarray:
     """Map raw int64 ids into [0, vocab_size).
 
@@ -166,14 +143,15 @@ def map_ids_counted(ids: np.ndarray, vocab_size: int, mode: str) -> tuple[np.nda
 
 def map_ids_into(ids: np.ndarray, vocab_size: int, mode: str, out: np.ndarray) -> np.ndarray | None:
     """`map_ids_counted` writing the mapped ids into `out` (a contiguous int64 array of ids' size)
-    instead of a new array: the loader hashes each column chunk straight into its window buffer.
+    instead of a new array (`pipeline.decode` maps 'modulo' ids of a row group this way; 'hash' ids
+    are left raw there and hashed by the compiled pass).
 
     Returns:
         The boolean mask of ids hashed into range ('modulo' mode), or None when there were none.
     """
     ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
     if mode == "hash":
-        _hash_mod_into(ids, vocab_size, out)
+        out[...] = _hash_mod(ids, vocab_size)
         return None
     if mode == "raw":
         out[...] = ids
