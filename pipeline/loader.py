@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -241,27 +241,25 @@ class ParquetLoader:
         )
 
     def _source(self) -> Iterator[BatchArrays]:
+        blocks: Iterable[tuple[torch.Tensor, Header, int]]
         if self.num_workers == 0:  # recycled private buffers: fresh ones would page-fault every block
-            flags, keep = np.zeros(_RING, dtype=np.int8), {}
+            flags = np.zeros(_RING, dtype=np.int8)
             ring = _Ring(flags, private_block)
-            for buf, header in self._reader(self._epoch, 0, self._done, ring.alloc):
-                raw = _track(buf, ring.slot, flags, keep)
-                del buf
-                yield from block_batches(raw, header)
-                del raw
-            return
-        warm_memo(sorted({sf.vocab_size for sf in self.features.sparse if sf.id_mapping == "hash"}))  # shared by fork
-        released = torch.zeros(self.num_workers * _RING, dtype=torch.int8).share_memory_()
-        dl = DataLoader(
-            _Readers(self, self._epoch, self._done, released),
-            batch_size=None,
-            num_workers=self.num_workers,
-            collate_fn=_as_is,  # blocks arrive as (shared-memory buffer, header, slot), unconverted
-            worker_init_fn=_worker_init,
-            persistent_workers=False,
-        )
-        flags, keep = released.numpy(), {}
-        for buf, header, slot in dl:
+            blocks = ((buf, header, ring.slot) for buf, header in self._reader(self._epoch, 0, self._done, ring.alloc))
+        else:
+            warm_memo(sorted({sf.vocab_size for sf in self.features.sparse if sf.id_mapping == "hash"}))  # fork-shared
+            released = torch.zeros(self.num_workers * _RING, dtype=torch.int8).share_memory_()
+            flags = released.numpy()
+            blocks = DataLoader(
+                _Readers(self, self._epoch, self._done, released),
+                batch_size=None,
+                num_workers=self.num_workers,
+                collate_fn=_as_is,  # blocks arrive as (shared-memory buffer, header, slot), unconverted
+                worker_init_fn=_worker_init,
+                persistent_workers=False,
+            )
+        keep: dict[int, torch.UntypedStorage] = {}
+        for buf, header, slot in blocks:
             raw = _track(buf, slot, flags, keep)
             del buf
             yield from block_batches(raw, header)
