@@ -13,7 +13,7 @@ install:
 	@bash launch/install.sh
 
 $(DATA)/.done: | install
-	$(PY) -m pipeline.synth --out $(DATA) --rows $(ROWS) --files 16 --seed 0
+	$(PY) -m pipeline.tools.synth --out $(DATA) --rows $(ROWS) --files 16 --seed 0
 	@touch $@
 
 data: $(DATA)/.done

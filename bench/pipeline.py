@@ -3,7 +3,7 @@
     python -m bench.pipeline [--json FILE] [--rows N] [--workers 0,1,2] [--data DIR]
     python -m bench.pipeline --memory --budget-mb 64     # optional: peak RSS on 10x the budget
 
-Default run: writes a synthetic log (`pipeline.synth`, default 2M rows, 16 files, row groups of
+Default run: writes a synthetic log (`pipeline.tools.synth`, default 2M rows, 16 files, row groups of
 16384, zstd) into a temporary folder, then on the same files:
 1. raw pyarrow decode: `ParquetFile.iter_batches(columns=...)` of the columns the pipeline reads,
    default settings, one process, every file; rows / CPU-second of this process.
@@ -38,10 +38,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from launch.config import load_config
+from config.job import load_config
 from pipeline.loader import ParquetLoader
 from pipeline.plan import plan_dataset
-from pipeline.synth import generate
+from pipeline.tools.synth import generate
 
 CONFIG = "configs/default.toml"
 
@@ -98,7 +98,7 @@ def throughput(data: Path, workers: list[int], repeats: int, batch_size: int, de
 
 _STREAM = """
 import json, resource, sys, psutil
-from launch.config import load_config
+from config.job import load_config
 from pipeline.loader import ParquetLoader
 from pipeline.plan import plan_dataset
 cfg = load_config(["--config", "configs/default.toml"])

@@ -37,9 +37,9 @@ def build_artifacts(workdir: Path, fresh: bool) -> dict[str, Path]:
     arts = {"fp32": workdir / "artifact", "int8": workdir / "artifact_int8"}
     if not fresh and all((a / "manifest.json").is_file() for a in arts.values()):
         return arts
-    from launch.export import export
     from launch.train import main as train_main
-    from pipeline.synth import main as synth_main
+    from pipeline.tools.synth import main as synth_main
+    from serving.export import export
 
     data, run = workdir / "data", workdir / "run"
     synth_main(["--out", str(data), "--rows", "4000", "--files", "2", "--seed", "3"])
@@ -68,9 +68,9 @@ def time_calls(fn: Any, seconds: float, warmup: int = 3) -> list[float]:
 
 def bench(arts: dict[str, Path], seconds: float) -> list[dict[str, Any]]:
     """One row per (variant, batch size): p50/p99 ms and rows/s."""
-    from launch.serving import load_artifact, load_program
     from pipeline.loader import ParquetLoader
     from pipeline.plan import plan_dataset
+    from serving.model import load_artifact, load_program
 
     rows: list[dict[str, Any]] = []
     models = {name: load_artifact(path)[0] for name, path in arts.items()}
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seconds", type=float, default=1.5, help="timed seconds per (variant, batch) cell")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (one serving stream; 0 = torch default)")
     args = p.parse_args(argv)
-    from launch.env import setup_env
+    from parallel.env import setup_env
 
     setup_env()
     t0 = time.perf_counter()

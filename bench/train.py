@@ -2,7 +2,7 @@
 
     python -m bench.train [--json FILE] [--rows N] [--steps N] [--no-jit]
 
-Generates its own data (default schema of pipeline.synth), runs `launch/train.sh`-equivalent torchrun
+Generates its own data (default schema of pipeline.tools.synth), runs `launch/train.sh`-equivalent torchrun
 jobs of this module's worker on 1 and 2 processes (same threads in total), and times each phase of
 a training step with wall clocks between synchronisation points:
 
@@ -34,17 +34,17 @@ PHASES = ("data", "sparse", "dense_fwd", "backward", "optimizer")
 
 def worker(args: argparse.Namespace) -> None:
     """One rank: build the real Trainer from configs/default.toml, time `steps` steps after warmup."""
-    from launch.env import setup_env
+    from parallel.env import setup_env
 
     setup_env()
     import torch
 
-    from launch import expert_parallel
-    from launch.config import load_config
-    from launch.dense_engine import clip_grad_norm_
-    from launch.distributed import all_reduce_sum, init_distributed
-    from launch.trainer import Trainer, destroy
+    from config.job import load_config
     from model.output import task_loss
+    from parallel import expert_parallel
+    from parallel.dense_engine import clip_grad_norm_
+    from parallel.distributed import all_reduce_sum, init_distributed
+    from train.trainer import Trainer, destroy
 
     a2a_time = [0.0]
     original_a2a = expert_parallel._a2a
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.worker:
         worker(args)
         return {}
-    from pipeline.synth import main as synth
+    from pipeline.tools.synth import main as synth
 
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -287,7 +287,7 @@ def shard_sparse_arch(
         module: `build_sparse_arch(..., device=torch.device("meta"))` (only the sparse arch: keep the
             dense model out of DMP, see the stack notes).
         features, emb: config sections (constraints, optimizer).
-        device: this rank's compute device (from launch.env's Runtime).
+        device: this rank's compute device (from parallel.env's Runtime).
         world_size: ranks of `pg`.
         pg: process group (default: the world group).
 

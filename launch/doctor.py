@@ -6,7 +6,7 @@ import importlib
 import os
 import sys
 
-from launch.env import TORCH_EXTENSIONS_DIR, detect_runtime, gpu_name, setup_env
+from parallel.env import TORCH_EXTENSIONS_DIR, detect_runtime, gpu_name, setup_env
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from launch.env import quiet_third_party, setup_env
+from parallel.env import quiet_third_party, setup_env
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> dict:
     quiet_third_party()
     import os
 
-    from launch.config import ConfigError, load_config
+    from config.job import ConfigError, load_config
 
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -25,10 +25,10 @@ def main(argv: list[str] | None = None) -> dict:
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
 
-    from launch.checkpoint import CheckpointError
-    from launch.distributed import init_distributed
-    from launch.trainer import Trainer, destroy
+    from parallel.distributed import init_distributed
     from pipeline.errors import DataError
+    from train.checkpoint import CheckpointError
+    from train.trainer import Trainer, destroy
 
     info = init_distributed()
     try:

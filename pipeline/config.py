@@ -1,5 +1,5 @@
 """Typed config sections for the input side: where the data is (`data`) and what its columns mean
-(`features`). Every field has a docstring; `launch.config` loads them from TOML."""
+(`features`). Every field has a docstring; `config.job` loads them from TOML."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from launch.env import setup_env
+from parallel.env import setup_env
 
 setup_env()
 
@@ -29,7 +29,7 @@ def _quiet_wandb(monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> str:
     """The synthetic click log (frozen schema of configs/tiny.toml), 6k rows in 3 uneven files."""
-    from pipeline.synth import main as synth_main
+    from pipeline.tools.synth import main as synth_main
 
     out = tmp_path_factory.mktemp("tiny_data")
     synth_main(["--out", str(out), "--rows", "6000", "--files", "3", "--seed", "1", "--row-group-size", "700"])

@@ -39,7 +39,7 @@ def _worker(rank: int, world_size: int, port: int, tasks: Any, results: Any) -> 
         WORLD_SIZE=str(world_size),
         LOCAL_WORLD_SIZE=str(world_size),
     )
-    from launch.env import setup_env  # noqa: PLC0415  (sets DS_ACCELERATOR etc. before torch loads)
+    from parallel.env import setup_env  # noqa: PLC0415  (sets DS_ACCELERATOR etc. before torch loads)
 
     setup_env()
     import torch

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from launch.metrics.auc import EvalAccumulator, WindowedAUC, auc, logloss, normalized_entropy, uauc
+from metrics.auc import EvalAccumulator, WindowedAUC, auc, logloss, normalized_entropy, uauc
 
 
 def ref_auc(s: list[float], y: list[float], w: list[float]) -> float:

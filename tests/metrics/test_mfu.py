@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-import launch.metrics.mfu as mfu_mod
-from launch.metrics.mfu import measure_gemm_flops, mfu, peak_flops, rss_mb, table_peak
+import metrics.mfu as mfu_mod
+from metrics.mfu import measure_gemm_flops, mfu, peak_flops, rss_mb, table_peak
 
 CPU = torch.device("cpu")
 

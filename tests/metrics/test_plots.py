@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from launch.config import MetricsConfig
-from launch.metrics.plots import read_metrics, write_plots
-from launch.metrics.tracking import MetricsLogger
+from config.job import MetricsConfig
+from metrics.plots import read_metrics, write_plots
+from metrics.tracking import MetricsLogger
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

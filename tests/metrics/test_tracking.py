@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from launch.config import MetricsConfig
-from launch.metrics.tracking import ConsoleSink, MetricsLogger, format_line, resolve_run_id, resolve_wandb_mode
+from config.job import MetricsConfig
+from metrics.tracking import ConsoleSink, MetricsLogger, format_line, resolve_run_id, resolve_wandb_mode
 
 NO_WANDB = MetricsConfig(wandb=False, progress=False)
 ROWS = [

@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from launch.config import load_config
-from pipeline.criteo import features_block, main
+from config.job import load_config
 from pipeline.errors import DataError
 from pipeline.loader import ParquetLoader
 from pipeline.plan import plan_dataset
+from pipeline.tools.criteo import features_block, main
 
 
 def _lines(n: int, seed: int) -> list[str]:

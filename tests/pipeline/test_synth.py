@@ -7,11 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from launch.config import load_config
+from config.job import load_config
 from pipeline.ids import map_ids
 from pipeline.loader import ParquetLoader
 from pipeline.plan import plan_dataset
-from pipeline.synth import auc, main
+from pipeline.tools.synth import auc, main
 
 ROWS = 40_000
 

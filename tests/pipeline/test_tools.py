@@ -8,8 +8,8 @@ import numpy as np
 
 from bench.pipeline import main as bench_main
 from pipeline import ids
-from pipeline.inspect import main as inspect_main
-from pipeline.synth import main as synth_main
+from pipeline.tools.inspect import main as inspect_main
+from pipeline.tools.synth import main as synth_main
 from tests.pipeline.fixtures import write_dataset
 
 

@@ -32,8 +32,8 @@ def train_args(data: str, out: str, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def run(tiny_data, tmp_path_factory) -> Path:
     """A tiny run (8 steps, checkpoints at 4 and 8) with both artifacts exported."""
-    from launch.export import export
     from launch.train import main as train_main
+    from serving.export import export
 
     out = tmp_path_factory.mktemp("serving") / "run"
     train_main(train_args(tiny_data, str(out)))
@@ -61,8 +61,8 @@ def _fresh_predict(run: Path, data: str, tmp: Path) -> dict[str, dict]:
 
 
 def test_export_round_trip_in_a_fresh_process(run, tiny_data, tmp_path) -> None:
-    from launch.predict import predict_dataset
-    from launch.serving import from_checkpoint, latest_checkpoint, load_run_config
+    from serving.model import from_checkpoint, latest_checkpoint, load_run_config
+    from serving.predict import predict_dataset
 
     data = f"{tiny_data}/eval"
     results = _fresh_predict(run, data, tmp_path)
@@ -105,7 +105,7 @@ def test_artifact_has_no_pickle_and_a_complete_manifest(run) -> None:
 def test_dense_program_matches_the_dense_weighted_model(run) -> None:
     import torch
 
-    from launch.serving import load_artifact, load_program, set_sparse_inference
+    from serving.model import load_artifact, load_program, set_sparse_inference
 
     model, _ = load_artifact(run / "artifact")
     prog = load_program(run / "artifact").module()
@@ -193,7 +193,7 @@ def test_ep2_shards_merge_and_two_rank_evaluate_equals_one(dist_pool, tiny_data,
     from safetensors.torch import load_file
 
     from launch.evaluate import main as evaluate
-    from launch.export import export
+    from serving.export import export
 
     run = tmp_path / "ep2"
     dist_pool.run(_train_ep2, tiny_data, str(run))
@@ -223,8 +223,8 @@ def test_ep2_shards_merge_and_two_rank_evaluate_equals_one(dist_pool, tiny_data,
 
 
 def test_bf16_runtime_option_is_close_to_fp32(run, tiny_data) -> None:
-    from launch.predict import predict_dataset
-    from launch.serving import load_artifact
+    from serving.model import load_artifact
+    from serving.predict import predict_dataset
 
     data = f"{tiny_data}/eval"
     fp32 = predict_dataset(load_artifact(run / "artifact")[0], data, batch_size=512)

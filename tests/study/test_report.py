@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from launch import study_report as report
-from pipeline.synth import generate
-from pipeline.synth import report as synth_report
+from pipeline.tools.synth import generate
+from pipeline.tools.synth import report as synth_report
+from study import report
 
 TASKS = ["click", "finish"]
 

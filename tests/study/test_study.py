@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from launch import study
-from launch import study_report as report
-from pipeline.synth import generate
+from launch import study as study_cli
+from study import runner as study
+from pipeline.tools.synth import generate
+from study import report
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "study.toml"
@@ -78,7 +79,7 @@ def test_make_run_trees_are_independent(tmp_path: Path) -> None:
 def cfg_of(run: study.Run, tmp_path: Path):
     import tomli_w
 
-    from launch.config import load_config
+    from config.job import load_config
 
     (tmp_path / "c.toml").write_text(tomli_w.dumps(run.tree))
     return load_config(["--config", str(tmp_path / "c.toml")])
@@ -112,7 +113,7 @@ def test_study_end_to_end_and_resume(tmp_path: Path) -> None:
         "--data.train", str(tmp_path / "data" / "train"), "--data.eval", str(tmp_path / "data" / "eval"),
         "--data.batch_size", "64", "--data.eval_batch_size", "512", "--training.log_every", "1",
     ]  # fmt: skip
-    res = study.main(argv)
+    res = study_cli.main(argv)
     assert res["study"]["runs_trained"] == 2 and res["study"]["runs_reused"] == 0
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["study"]["runs_trained"] == 2 and set(on_disk["models"]) == {"dlrm_mlp", "rankmixer"}
@@ -133,12 +134,12 @@ def test_study_end_to_end_and_resume(tmp_path: Path) -> None:
     assert len(summaries) == 2 and not list((out / "runs").glob("*/checkpoints"))
     stamps = [p.stat().st_mtime_ns for p in summaries]
 
-    again = study.main(argv)
+    again = study_cli.main(argv)
     assert again["study"]["runs_trained"] == 0 and again["study"]["runs_reused"] == 2
     assert [p.stat().st_mtime_ns for p in summaries] == stamps
     assert again["models"]["rankmixer"]["tasks"]["click"]["auc"] == res["models"]["rankmixer"]["tasks"]["click"]["auc"]
 
     # A finished run is reused only for the config it was trained from: a changed arm is an error, not stale data.
     with pytest.raises(study.StudyError, match=r"rankmixer__s0__lr0.003__n3 was trained from another config"):
-        study.main([*argv, "--model.tower_hidden", "[32]"])
+        study_cli.main([*argv, "--model.tower_hidden", "[32]"])
     assert [p.stat().st_mtime_ns for p in summaries] == stamps

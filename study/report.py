@@ -39,7 +39,7 @@ METRICS = ("auc", "uauc", "logloss")
 
 @dataclass
 class SynthSpec:
-    """[study.synth]: where and how `pipeline.synth` writes the study's data when it is missing."""
+    """[study.synth]: where and how `pipeline.tools.synth` writes the study's data when it is missing."""
 
     out: str = "data/study"
     """Output folder (train/ and eval/ are created); data.train must be `<out>/train` to generate."""
@@ -63,7 +63,7 @@ def ensure_data(tree: dict[str, Any], synth: SynthSpec | None) -> None:
     if synth is None or train.resolve() != (Path(synth.out) / "train").resolve():
         where = "no [study.synth]" if synth is None else f"[study.synth] writes {synth.out}/train"
         raise FileNotFoundError(f"data.train = {train} not found ({where}); point data.train/data.eval at Parquet data")
-    from pipeline.synth import generate  # noqa: PLC0415 - only needed when data is missing
+    from pipeline.tools.synth import generate  # noqa: PLC0415 - only needed when data is missing
 
     out = Path(synth.out)
     tmp = out.with_name(out.name + ".partial")
@@ -253,10 +253,10 @@ def quality_checks(models: dict[str, dict[str, Any]], tasks: list[str]) -> list[
 
 
 def oracle_aucs(eval_uri: str, tasks: list[str]) -> dict[str, float] | None:
-    """AUC of the teacher's `oracle_p_<task>` columns on the eval split (pipeline.synth data); None when
+    """AUC of the teacher's `oracle_p_<task>` columns on the eval split (pipeline.tools.synth data); None when
     the data has no such columns (a user's own Parquet)."""
     from pipeline.plan import resolve_files  # noqa: PLC0415
-    from pipeline.synth import auc  # noqa: PLC0415
+    from pipeline.tools.synth import auc  # noqa: PLC0415
 
     fs, files = resolve_files(eval_uri)
     cols = [c for t in tasks for c in (t, f"oracle_p_{t}")]

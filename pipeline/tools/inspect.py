@@ -1,6 +1,6 @@
 """Print the plan of a dataset: files, rows, row groups, schema and the per-rank split.
 
-    python -m pipeline.inspect data/default/train --config configs/default.toml --world-size 2 --num-workers 1
+    python -m pipeline.tools.inspect data/default/train --config configs/default.toml --world-size 2 --num-workers 1
 
 Reads footers only. With --config the configured columns are checked (as training would) and the
 batch size, shuffle and drop_last settings come from it; without, nothing is checked.
@@ -59,7 +59,7 @@ def describe(
 
 
 def main(argv: list[str] | None = None) -> str:
-    p = argparse.ArgumentParser(prog="python -m pipeline.inspect", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pipeline.tools.inspect", description=__doc__.split("\n")[0])
     p.add_argument("path", help="directory, glob, file or URI")
     p.add_argument("--config", default="", help="job TOML: check its columns, use its data settings")
     p.add_argument("--world-size", type=int, default=1)
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--batch-size", type=int, default=None, help="default: data.batch_size")
     a = p.parse_args(argv)
     if a.config:
-        from launch.config import load_config
+        from config.job import load_config
 
         cfg = load_config(["--config", a.config], world_size=a.world_size)
         data, features, seed = cfg.data, cfg.features, cfg.training.seed

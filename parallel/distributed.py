@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from launch.env import Runtime, detect_runtime
+from parallel.env import Runtime, detect_runtime
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class DistInfo:
 
 
 def init_distributed(timeout_s: float = 600.0) -> DistInfo:
-    """Join the job's process group (cuda + nccl or cpu + gloo, decided by launch.env)."""
+    """Join the job's process group (cuda + nccl or cpu + gloo, decided by parallel.env)."""
     if "MASTER_ADDR" not in os.environ:  # plain `python -m launch.train`: one process, no torchrun
         for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):
             os.environ.setdefault(k, v)

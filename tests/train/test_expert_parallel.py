@@ -17,8 +17,8 @@ def _full_experts():
 def _ep_vs_full(ep_size: int) -> dict[str, float]:
     import deepspeed
 
-    from launch.expert_parallel import ExpertParallelExperts, owned_positions
     from model.moe import PerTokenExperts
+    from parallel.expert_parallel import ExpertParallelExperts, owned_positions
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -20,23 +20,23 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from config.job import JobConfig
 from embeddings import build_sparse_arch, pooled_to_model_input, set_sparse_lr, shard_sparse_arch, sparse_dim
-from launch.checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
-from launch.config import JobConfig
-from launch.dense_engine import clip_grad_norm_, init_engine, set_dense_lr
-from launch.distributed import DistInfo, all_reduce_sum
-from launch.expert_parallel import create_ep_groups, shard_experts
-from launch.metrics.auc import EvalAccumulator, WindowedAUC
-from launch.metrics.mfu import mfu, peak_flops, rss_mb
-from launch.metrics.plots import write_plots
-from launch.metrics.tracking import MetricsLogger
-from launch.schedule import lr_factor
+from metrics.auc import EvalAccumulator, WindowedAUC
+from metrics.mfu import mfu, peak_flops, rss_mb
+from metrics.plots import write_plots
+from metrics.tracking import MetricsLogger
 from model.moe import moe_layers
 from model.output import task_loss
 from model.zoo import build_model
+from parallel.dense_engine import clip_grad_norm_, init_engine, set_dense_lr
+from parallel.distributed import DistInfo, all_reduce_sum
+from parallel.expert_parallel import create_ep_groups, shard_experts
 from pipeline.batch import Batch
 from pipeline.loader import ParquetLoader, dataset_audit
 from pipeline.plan import plan_dataset
+from train.checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
+from train.schedule import lr_factor
 
 MASK64 = (1 << 64) - 1
 

@@ -1,7 +1,7 @@
 """Convert Criteo click logs (TSV) into this project's Parquet schema, streaming.
 
-    python -m pipeline.criteo --out data/criteo day_0.gz day_1.gz ... [--eval-last 1]
-    python -m pipeline.criteo --print-features        # the matching [features] block for a config
+    python -m pipeline.tools.criteo --out data/criteo day_0.gz day_1.gz ... [--eval-last 1]
+    python -m pipeline.tools.criteo --print-features        # the matching [features] block for a config
 
 Input: one row per line, tab-separated: label, I1..I13 (integers, may be negative), C1..C26
 (hexadecimal ids, usually 8 digits); any field but the label may be empty. Files may be plain or
@@ -166,7 +166,7 @@ def _empty_batch() -> pa.RecordBatch:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m pipeline.criteo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pipeline.tools.criteo", description=__doc__.split("\n")[0])
     p.add_argument("inputs", nargs="*", help="Criteo TSV files or globs (plain or .gz), converted in this order")
     p.add_argument("--out", default="", help="output directory")
     p.add_argument("--eval-last", type=int, default=0, help="send the last K inputs to OUT/eval, the rest to OUT/train")

@@ -1,7 +1,7 @@
 """The one module that talks to DeepSpeed: engine config, optimizer, gradient clipping.
 
 The dense model (RankMixer and its experts, never the embedding tables: stack-notes trap 3) goes
-into `deepspeed.initialize`. Expert parameters (marked by `launch.expert_parallel`) get their own
+into `deepspeed.initialize`. Expert parameters (marked by `parallel.expert_parallel`) get their own
 optimizer parameter groups and are all-reduced only over the expert-data-parallel group.
 """
 
@@ -18,7 +18,7 @@ from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_gr
 from deepspeed.utils import groups
 from torch import nn
 
-from launch.config import JobConfig
+from config.job import JobConfig
 
 
 def deepspeed_config(cfg: JobConfig) -> dict[str, Any]:

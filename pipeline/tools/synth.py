@@ -1,6 +1,6 @@
 """Synthetic click log with a hidden, frozen teacher: the yardstick of the model study.
 
-    python -m pipeline.synth --out data/default --rows 400000 --files 8 --seed 0
+    python -m pipeline.tools.synth --out data/default --rows 400000 --files 8 --seed 0
 
 writes DIR/train/part-NNNNN.parquet and DIR/eval/part-NNNNN.parquet (rows go to eval iid with
 probability --eval-fraction, decided by a hash of the row id). Same seed and rows: same bytes,
@@ -329,7 +329,7 @@ def report(path: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m pipeline.synth", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pipeline.tools.synth", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output directory (train/ and eval/ are created)")
     p.add_argument("--rows", type=int, required=True, help="rows in total (train + eval)")
     p.add_argument("--files", type=int, default=8, help="train files (eval gets ceil(files x fraction))")

@@ -31,6 +31,6 @@ Metric keys (one flat dict per `MetricsLogger.log` call; "step" is added by the 
 `EvalAccumulator.compute()` returns {task: {"auc", ...}}; `auc.eval_metrics_flat` turns it into the
 "eval/<task>/<name>" keys above.
 
-Import from the submodules (`from launch.metrics.auc import auc`): this package re-exports nothing,
+Import from the submodules (`from metrics.auc import auc`): this package re-exports nothing,
 because the functions `auc` and `mfu` would shadow the modules of the same names.
 """

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.checkpoint import CheckpointError, complete_checkpoints, read_meta, resolve_resume
+from train.checkpoint import CheckpointError, complete_checkpoints, read_meta, resolve_resume
 
 
 def _ckpt(root: Path, name: str, meta: bool = True) -> Path:

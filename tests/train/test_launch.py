@@ -104,7 +104,7 @@ def _workers(agent_pid: int) -> list[int]:
 
 
 def test_elastic_restart_after_kill9_consumes_every_row_once(tmp_path) -> None:
-    from pipeline.synth import main as synth
+    from pipeline.tools.synth import main as synth
 
     data = tmp_path / "data"
     synth(["--out", str(data), "--rows", "40000", "--files", "4", "--seed", "2", "--row-group-size", "3000"])

@@ -31,15 +31,15 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from config.job import ConfigError, JobConfig, load_config
 from embeddings import build_sparse_arch, pooled_to_model_input, sparse_dim, table_specs
 from embeddings.tables import SparseArch, TableSpec
-from launch.config import ConfigError, JobConfig, load_config
 from model.moe import moe_layers
 from model.zoo import build_model
 from pipeline.batch import Batch
 
 CONFIG_FILE = "config.toml"
-META = "meta.json"  # launch.checkpoint.META; not imported, so that loading an artifact never imports DeepSpeed
+META = "meta.json"  # train.checkpoint.META; not imported, so that loading an artifact never imports DeepSpeed
 
 
 class ServingError(RuntimeError):
@@ -71,7 +71,7 @@ def load_run_config(path: Path, overrides: list[str] | None = None) -> JobConfig
 
 def latest_checkpoint(run_dir: Path) -> Path:
     """The newest complete checkpoint under `run_dir/checkpoints` (ServingError naming the folder if none)."""
-    from launch.checkpoint import complete_checkpoints
+    from train.checkpoint import complete_checkpoints
 
     root = run_dir / "checkpoints"
     found = complete_checkpoints(root)
@@ -130,7 +130,7 @@ def read_dense_state(ckpt: Path, model: nn.Module) -> dict[str, Tensor]:
     layers = moe_layers(model)
     if layers:
         # reading a training checkpoint (export / evaluate) may import DeepSpeed; loading an artifact never does
-        from launch.checkpoint import CheckpointError, read_expert_shards
+        from train.checkpoint import CheckpointError, read_expert_shards
 
         prefix = {id(m): n for n, m in model.named_modules()}
         wanted = [(list(range(layer.num_tokens)), [n for n, _ in layer.experts.named_parameters()]) for layer in layers]

@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from embeddings import load_sparse, save_sparse
-from launch.distributed import barrier
 from model.moe import moe_layers
+from parallel.distributed import barrier
 
 META = "meta.json"
 

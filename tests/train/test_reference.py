@@ -27,15 +27,15 @@ def _concat_kjt(parts: list[dict]):
 def _vs_reference(data: str, out: str, ep: int) -> dict[str, float]:
     from deepspeed.moe.utils import is_moe_param
 
+    from config.job import load_config
     from embeddings import build_sparse_arch, pooled_to_model_input, sparse_dim
-    from launch.config import load_config
-    from launch.dense_engine import build_optimizer, clip_grad_norm_, set_dense_lr
-    from launch.distributed import init_distributed
-    from launch.schedule import lr_factor
-    from launch.trainer import Trainer
     from model.moe import moe_layers
     from model.output import task_loss
     from model.zoo import build_model
+    from parallel.dense_engine import build_optimizer, clip_grad_norm_, set_dense_lr
+    from parallel.distributed import init_distributed
+    from train.schedule import lr_factor
+    from train.trainer import Trainer
 
     argv = ["--config", CONFIG, "--data.train", f"{data}/train", "--data.eval", f"{data}/eval"]
     argv += ["--training.output_dir", out, "--parallelism.ep_size", str(ep), "--moe.l1_init", "0.01"]

@@ -38,7 +38,7 @@ def losses(run_dir: str) -> dict[int, float]:
 
 
 def _crash_and_resume(data: str, out_a: str, out_b: str) -> tuple[dict, dict, dict]:
-    import launch.trainer as trainer_mod
+    import train.trainer as trainer_mod
     from launch.train import main
 
     args = ("--training.steps", "8", "--training.checkpoint_every", "4", "--training.eval_batches", "2")

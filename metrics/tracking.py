@@ -29,7 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from launch.config import MetricsConfig
+from config.job import MetricsConfig
 
 RUN_ID_FILE = "wandb_run_id"
 
@@ -251,7 +251,7 @@ class WandbSink:
             if isinstance(value, bool | int | float):
                 out[key] = value
             elif isinstance(value, list) and value and all(isinstance(r, list) for r in value):
-                from launch.metrics.plots import heatmap_rgb  # noqa: PLC0415 - matplotlib only when needed
+                from metrics.plots import heatmap_rgb  # noqa: PLC0415 - matplotlib only when needed
 
                 out[key] = self._wandb.Image(heatmap_rgb(value, key))
                 for i, row in enumerate(value):
@@ -354,7 +354,7 @@ class MetricsLogger:
         self.sinks.extend(extra_sinks or [])
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        """Log one row of metrics at `step` (see launch/metrics/__init__.py for the key names)."""
+        """Log one row of metrics at `step` (see metrics/__init__.py for the key names)."""
         for sink in self.sinks:
             sink.log(metrics, step)
 
