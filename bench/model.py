@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from config.job import load_config
+from config import load_config
 from model.config import ModelConfig, MoEConfig
 from model.ffn import PerTokenFFN
 from model.flops import gemm_peak_flops

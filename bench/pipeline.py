@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from config.job import load_config
+from config import load_config
 from pipeline.loader import ParquetLoader
 from pipeline.plan import plan_dataset
 from pipeline.tools.synth import generate
@@ -98,7 +98,7 @@ def throughput(data: Path, workers: list[int], repeats: int, batch_size: int, de
 
 _STREAM = """
 import json, resource, sys, psutil
-from config.job import load_config
+from config import load_config
 from pipeline.loader import ParquetLoader
 from pipeline.plan import plan_dataset
 cfg = load_config(["--config", "configs/default.toml"])

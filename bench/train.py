@@ -39,15 +39,13 @@ def worker(args: argparse.Namespace) -> None:
     setup_env()
     import torch
 
-    from config.job import load_config
-    from model.output import task_loss
+    from config import load_config
     from parallel import expert_parallel
-    from parallel.dense_engine import clip_grad_norm_
-    from parallel.distributed import all_reduce_sum, init_distributed
-    from train.trainer import Trainer, destroy
+    from parallel.distributed import all_reduce_sum, destroy, init_distributed
+    from train.trainer import Trainer
 
     a2a_time = [0.0]
-    original_a2a = expert_parallel._a2a
+    original_a2a = expert_parallel.all_to_all
 
     def timed_a2a(x, group):
         t0 = time.perf_counter()
@@ -55,7 +53,7 @@ def worker(args: argparse.Namespace) -> None:
         a2a_time[0] += time.perf_counter() - t0
         return y
 
-    expert_parallel._a2a = timed_a2a
+    expert_parallel.all_to_all = timed_a2a
     info = init_distributed()
     overrides = [
         "--config", str(REPO / "configs" / "default.toml"),
@@ -68,6 +66,7 @@ def worker(args: argparse.Namespace) -> None:
     times = dict.fromkeys(PHASES, 0.0)
     a2a_measured = 0.0
     it = iter(tr.loader)
+    step = tr.step_fn
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             times = dict.fromkeys(PHASES, 0.0)
@@ -75,21 +74,15 @@ def worker(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         batch = next(it).to(tr.device)
         t1 = time.perf_counter()
-        kt = tr.dmp(batch.sparse)
-        kt = kt.wait() if hasattr(kt, "wait") else kt
-        from embeddings import pooled_to_model_input
-
-        sparse_BE = pooled_to_model_input(kt, cfg.features)
+        step.set_lr(i)
+        sparse_BE = step.embed(batch)
         t2 = time.perf_counter()
-        out = tr.engine(sparse_BE, batch.dense)
-        loss = task_loss(out.logits_BK, batch.labels, batch.weights)[0] + out.reg_loss
+        out = step.dense(sparse_BE, batch.dense)
+        loss = step.loss(out, batch)[0]
         t3 = time.perf_counter()
         tr.engine.backward(loss)
         t4 = time.perf_counter()
-        clip_grad_norm_(tr.model, cfg.training.grad_clip)
-        tr.engine.step()
-        for layer in tr.moe:
-            layer.update_l1()
+        step.update()
         if tr.device.type == "cuda":
             torch.cuda.synchronize()
         t5 = time.perf_counter()
@@ -97,7 +90,7 @@ def worker(args: argparse.Namespace) -> None:
             times[k] += e - s
     a2a_measured = a2a_time[0]
     total = sum(times.values())
-    sums = all_reduce_sum([times[k] for k in PHASES] + [a2a_measured, total], torch.device("cpu"))
+    sums = all_reduce_sum([times[k] for k in PHASES] + [a2a_measured, total], tr.device)
     world = info.world_size
     if info.is_main:
         per_step = {k: v / world / args.steps for k, v in zip(PHASES, sums[: len(PHASES)])}

@@ -1,8 +1,24 @@
-"""Typed config section for the sparse side: sharding and the fused sparse optimizer."""
+"""Typed config section for the sparse side: sharding and the fused sparse optimizer.
+
+The allowed names live here (no torchrec import, so `--help` is fast) and `embeddings.sharding`
+dispatches on these same constants: every optimizer name maps to one FBGEMM type, every sharding type
+is either planned or rejected there with the reason.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from schema import check_one_of, check_range
+
+SHARDING_TYPES = (
+    "auto", "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "grid_shard",
+)  # fmt: skip
+"""`embeddings.sharding` / `table_sharding` values. 'data_parallel' is left out: TorchRec gives such
+tables the dense kernel and the fused optimizer never updates them; 'grid_shard' is CUDA-only
+(checked when sharding, where the device is known)."""
+SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam")
+"""`embeddings.optimizer`: FBGEMM's fused optimizers ('adam' is CUDA-only, checked when sharding)."""
 
 
 @dataclass
@@ -27,3 +43,13 @@ class EmbeddingsConfig:
     eviction); their features should use `id_mapping = "raw"`."""
     mc_eviction_interval: int = 1
     """Steps between managed-collision evictions."""
+
+    def validate(self) -> None:
+        """Names known, rates positive and finite (table names are checked against features by `config`)."""
+        check_one_of(self.sharding, SHARDING_TYPES, "embeddings.sharding")
+        for table, value in self.table_sharding.items():
+            check_one_of(value, SHARDING_TYPES, f"embeddings.table_sharding.{table}")
+        check_one_of(self.optimizer, SPARSE_OPTIMIZERS, "embeddings.optimizer")
+        check_range(self.lr, "embeddings.lr", min=0.0, min_open=True)
+        check_range(self.eps, "embeddings.eps", min=0.0, min_open=True)
+        check_range(self.mc_eviction_interval, "embeddings.mc_eviction_interval", min=1)

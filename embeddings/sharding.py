@@ -32,7 +32,7 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
 
-from embeddings.config import EmbeddingsConfig
+from embeddings.config import SHARDING_TYPES, SPARSE_OPTIMIZERS, EmbeddingsConfig
 from embeddings.tables import SparseArch, TableSpec, init_rows_
 from pipeline.config import FeaturesConfig
 
@@ -40,6 +40,7 @@ CPU_SHARDING_TYPES = ["table_wise", "column_wise", "table_column_wise", "row_wis
 """Sharding types verified on CPU + gloo (see the module docstring); 'auto' plans among these on CPU."""
 CUDA_SHARDING_TYPES = CPU_SHARDING_TYPES + ["grid_shard"]
 """On CUDA 'auto' allows every type TorchRec's sharder offers except data_parallel."""
+assert set(CUDA_SHARDING_TYPES) | {"auto"} == set(SHARDING_TYPES), "sharding types out of step with the config"
 REJECTED = {
     "data_parallel": "TorchRec's data-parallel tables use the dense kernel, which the fused sparse optimizer "
     "never updates (their weights stay unchanged after backward)",
@@ -51,6 +52,8 @@ OPTIMIZERS = {
     "sgd": EmbOptimType.EXACT_SGD,
     "adam": EmbOptimType.ADAM,
 }
+"""FBGEMM's optimizer for each name of `embeddings.config.SPARSE_OPTIMIZERS` (exactly those)."""
+assert tuple(OPTIMIZERS) == SPARSE_OPTIMIZERS, "embeddings/sharding.py: OPTIMIZERS must match SPARSE_OPTIMIZERS"
 CPU_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
 """FBGEMM's CPU kernels support only these (its 'adam' asserts "not supported in CPU mode")."""
 
@@ -285,7 +288,7 @@ def shard_sparse_arch(
 
     Args:
         module: `build_sparse_arch(..., device=torch.device("meta"))` (only the sparse arch: keep the
-            dense model out of DMP, see the stack notes).
+            dense model out of DMP, see `parallel.layout`).
         features, emb: config sections (constraints, optimizer).
         device: this rank's compute device (from parallel.env's Runtime).
         world_size: ranks of `pg`.

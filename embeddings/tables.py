@@ -36,9 +36,11 @@ from torchrec.modules.mc_modules import (
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from embeddings.config import EmbeddingsConfig
-from pipeline.config import FeaturesConfig
+from pipeline.config import POOLINGS, FeaturesConfig
 
-POOLINGS = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+POOLING_TYPES = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+"""TorchRec's pooling for each name of `pipeline.config.POOLINGS` (the config validates against those)."""
+assert tuple(POOLING_TYPES) == POOLINGS, "embeddings/tables.py: POOLING_TYPES must cover pipeline.config.POOLINGS"
 INIT_BLOCK_ROWS = 8192
 """Rows per deterministic init block: each block has its own generator seeded by (seed, table, block)."""
 
@@ -73,7 +75,7 @@ class TableSpec:
             embedding_dim=self.dim,
             num_embeddings=self.num_embeddings,
             feature_names=list(self.feature_names),
-            pooling=POOLINGS[self.pooling],
+            pooling=POOLING_TYPES[self.pooling],
         )
 
 
@@ -88,8 +90,6 @@ def table_specs(features: FeaturesConfig, emb: EmbeddingsConfig) -> list[TableSp
     poolings: dict[str, dict[str, str]] = {}
     for i, f in enumerate(features.sparse):
         key = f"features.sparse[{i}] (name '{f.name}')"
-        if f.pooling_mode not in POOLINGS:
-            raise ValueError(f"{key}: pooling '{f.pooling}' is not one of {sorted(POOLINGS)}")
         if f.vocab_size <= 0 or f.dim <= 0:
             raise ValueError(f"{key}: vocab_size and dim must be positive, got {f.vocab_size} and {f.dim}")
         t = f.table_name

@@ -7,6 +7,7 @@ import os
 import sys
 
 from parallel.env import TORCH_EXTENSIONS_DIR, detect_runtime, gpu_name, setup_env
+from pipeline import native
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     built = (TORCH_EXTENSIONS_DIR / "deepspeed_shm_comm").is_dir()
     where = f"pre-built in {TORCH_EXTENSIONS_DIR}" if built else "not built (make install builds it)"
     print(f"shm comm op   {where}")
-    from pipeline import native
 
     try:
         print(f"pipeline op   {native.build()}")

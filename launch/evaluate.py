@@ -32,7 +32,9 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """CLI entry point; returns eval.json's content (written by rank 0)."""
-    setup_env()  # before DeepSpeed is imported (by the process-group start-up)
+    setup_env()
+    # DeepSpeed (imported by the process-group start-up) reads DS_ACCELERATOR: these wait for setup_env().
+    from checkpoint.format import CheckpointError
     from pipeline.errors import DataError
     from serving.evaluate import evaluate
     from serving.model import ServingError
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run = Path(args.run)
     try:
         result, is_main = evaluate(run, Path(args.checkpoint) if args.checkpoint else None, overrides)
-    except (ServingError, DataError) as e:
+    except (ServingError, CheckpointError, DataError) as e:
         raise SystemExit(f"evaluate: {e}") from None
     if is_main:
         out = Path(args.out) if args.out else run / "eval.json"

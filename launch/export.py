@@ -16,11 +16,6 @@ from parallel.env import setup_env
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """CLI: `--run DIR [--out DIR] [--quantize int8] [--checkpoint PATH] [--eval-data PATH] [--section.field v]`."""
-    setup_env()
-    from pipeline.errors import DataError
-    from serving.export import default_out, export
-    from serving.model import ServingError
-
     p = argparse.ArgumentParser(prog="python -m launch.export", description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="run directory (config.toml + checkpoints/)")
     p.add_argument("--out", default="", help="artifact directory (default <run>/artifact[_int8])")
@@ -28,6 +23,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--quantize", choices=("none", "int8"), default="none", help="int8: INT8 embedding tables")
     p.add_argument("--eval-data", default=None, help="labelled data to measure AUC on (default data.eval; '' skips)")
     args, rest = p.parse_known_args(argv)
+    setup_env()
+    # after parsing (--help answers at once) and setup_env (TORCH_EXTENSIONS_DIR, DS_ACCELERATOR): torch loads here
+    from checkpoint.format import CheckpointError
+    from pipeline.errors import DataError
+    from serving.export import default_out, export
+    from serving.model import ServingError
+
     try:
         manifest = export(
             Path(args.run),
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             eval_data=args.eval_data,
             overrides=rest,
         )
-    except (ServingError, DataError) as e:
+    except (ServingError, CheckpointError, DataError) as e:
         raise SystemExit(f"export: {e}") from None
     sizes = manifest["sizes"]
     out = args.out or default_out(Path(args.run), args.quantize)

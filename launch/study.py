@@ -1,6 +1,6 @@
 """`python -m launch.study`: the quality and scaling study (see study/runner.py for what it runs).
 
-    python -m launch.study --config configs/study.toml [--smoke] [--out study/] [--data.train DIR ...]
+python -m launch.study --config configs/study.toml [--smoke] [--out study/] [--data.train DIR ...]
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run (or resume) the study; returns results.json as a dict (StudyError names what is wrong)."""
-    from study.runner import run_study
-
     argv = sys.argv[1:] if argv is None else argv
     args, overrides = parse_args(argv)
+    from study.runner import run_study  # torch loads with it: after parsing, so --help answers at once
+
     return run_study(args, overrides, argv)
 
 

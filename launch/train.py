@@ -2,33 +2,33 @@
 
 python -m launch.train --config configs/tiny.toml --training.steps 20      # one process
 torchrun --nproc_per_node 2 -m launch.train --config configs/tiny.toml     # or launch/train.sh
+deepspeed --num_gpus 2 --module launch.train --config configs/tiny.toml    # the DeepSpeed launcher
+python -m launch.train --help                                              # every config field
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
+from config import ConfigError, load_config
 from parallel.env import quiet_third_party, setup_env
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run one training job; returns the summary (also written to <run>/summary.json)."""
-    setup_env()  # before deepspeed is imported anywhere
-    quiet_third_party()
-    import os
-
-    from config.job import ConfigError, load_config
-
     argv = sys.argv[1:] if argv is None else argv
-    try:
+    try:  # torch-free: --help and config errors answer at once
         cfg = load_config(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
-
-    from parallel.distributed import init_distributed
+    setup_env()
+    quiet_third_party()
+    # DeepSpeed reads DS_ACCELERATOR when it is imported: these imports wait for setup_env().
+    from parallel.distributed import destroy, init_distributed
     from pipeline.errors import DataError
     from train.checkpoint import CheckpointError
-    from train.trainer import Trainer, destroy
+    from train.trainer import Trainer
 
     info = init_distributed()
     try:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def print_summary(summary: dict) -> None:
-    """The final table of eval metrics and run figures."""
+    """The final table of eval metrics and run figures (MFU as a percentage, like the per-step lines)."""
     rows = [("task", "auc", "uauc", "logloss")]
     for task, m in summary["eval"].items():
         rows.append((task, f"{m['auc']:.4f}", f"{m['uauc']:.4f}", f"{m['logloss']:.4f}"))
@@ -56,7 +56,7 @@ def print_summary(summary: dict) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, width)))
     print(
         f"steps {summary['steps']}  params {summary['params']:,}  samples/s {summary['samples_per_s']:.0f}  "
-        f"MFU {summary['mfu']:.4f}  rows {summary['rows_consumed']:,}  wall {summary['wall_s']:.1f}s",
+        f"MFU {100 * summary['mfu']:.2f}%  rows {summary['rows_consumed']:,}  wall {summary['wall_s']:.1f}s",
         flush=True,
     )
 

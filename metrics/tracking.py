@@ -29,7 +29,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from config.job import MetricsConfig
+from metrics.config import WANDB_MODES, MetricsConfig
+from metrics.plots import heatmap_rgb
 
 RUN_ID_FILE = "wandb_run_id"
 
@@ -175,7 +176,7 @@ def resolve_wandb_mode(cfg_mode: str, environ: dict[str, str] | os._Environ[str]
     'online' and 'disabled' in the config are taken as they are. With the default 'offline', an
     explicit WANDB_MODE in the environment wins, else WANDB_API_KEY switches to online.
     """
-    if cfg_mode not in ("online", "offline", "disabled"):
+    if cfg_mode not in WANDB_MODES:
         raise ValueError(f"metrics.wandb_mode: expected 'online', 'offline' or 'disabled', got {cfg_mode!r}")
     if cfg_mode != "offline":
         return cfg_mode
@@ -251,8 +252,6 @@ class WandbSink:
             if isinstance(value, bool | int | float):
                 out[key] = value
             elif isinstance(value, list) and value and all(isinstance(r, list) for r in value):
-                from metrics.plots import heatmap_rgb  # noqa: PLC0415 - matplotlib only when needed
-
                 out[key] = self._wandb.Image(heatmap_rgb(value, key))
                 for i, row in enumerate(value):
                     nums = [v for v in row if isinstance(v, int | float)]

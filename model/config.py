@@ -1,8 +1,14 @@
-"""Typed config sections for the dense model (`model`) and its per-token sparse MoE (`moe`)."""
+"""Typed config sections for the dense model (`model`) and its per-token sparse MoE (`moe`).
+
+The allowed names live here and the model code dispatches on the same constants (`model.zoo` on
+MODEL_NAMES, `model.rankmixer` on MIXINGS, `model.moe` on ROUTERS). No torch import: `--help` is fast.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from schema import ConfigError, check_one_of, check_range
 
 MODEL_NAMES = (
     "rankmixer",
@@ -12,6 +18,11 @@ MODEL_NAMES = (
     "dlrm_mlp",
     "dcnv2",
 )
+"""`model.name`: the zoo (`model.zoo.MODELS` has exactly these keys)."""
+MIXINGS = ("paper", "article")
+"""`model.mixing`."""
+ROUTERS = ("relu", "topk")
+"""`moe.router`."""
 
 
 @dataclass
@@ -48,6 +59,27 @@ class ModelConfig:
     attn_heads: int = 0
     """Heads of the self-attention baseline; 0 = num_tokens."""
 
+    def validate(self) -> None:
+        """Names known, sizes positive, D divisible by T (and by the attention heads)."""
+        check_one_of(self.name, MODEL_NAMES, "model.name")
+        check_one_of(self.mixing, MIXINGS, "model.mixing")
+        for name in ("num_tokens", "d_model", "num_layers", "ffn_mult", "dense_proj_dim"):
+            check_range(getattr(self, name), f"model.{name}", min=1)
+        check_range(self.cross_layers, "model.cross_layers", min=0)
+        check_range(self.attn_heads, "model.attn_heads", min=0)
+        if self.d_model % self.num_tokens:
+            raise ConfigError(
+                f"model.d_model ({self.d_model}) must be divisible by model.num_tokens ({self.num_tokens}): "
+                "token mixing splits every token into H = T heads"
+            )
+        if self.attn_heads and self.d_model % self.attn_heads:
+            raise ConfigError(
+                f"model.d_model ({self.d_model}) must be divisible by model.attn_heads ({self.attn_heads})"
+            )
+        for key in ("tower_hidden", "mlp_hidden"):
+            if any(w < 1 for w in getattr(self, key)):
+                raise ConfigError(f"model.{key} widths must be >= 1, got {getattr(self, key)}")
+
 
 @dataclass
 class MoEConfig:
@@ -73,3 +105,15 @@ class MoEConfig:
     """Controller factor: lambda is multiplied by it when too many experts are active, divided when too few."""
     load_balance: float = 0.0
     """Coefficient of the load-balance term (fraction routed x mean gate probability)."""
+
+    def validate(self) -> None:
+        """Router known, counts positive, the controller's target and step in range."""
+        check_one_of(self.router, ROUTERS, "moe.router")
+        check_range(self.num_experts, "moe.num_experts", min=1)
+        check_range(self.expert_mult, "moe.expert_mult", min=1)
+        if self.router == "topk":
+            check_range(self.top_k, "moe.top_k", min=1, max=self.num_experts)
+        check_range(self.target_activation, "moe.target_activation", min=0.0, max=1.0, min_open=True)
+        check_range(self.l1_init, "moe.l1_init", min=0.0)
+        check_range(self.l1_step, "moe.l1_step", min=1.0, min_open=True)
+        check_range(self.load_balance, "moe.load_balance", min=0.0)

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import MoEConfig
+from model.config import ROUTERS, MoEConfig
 from model.init import uniform_param
 
 
@@ -90,39 +90,39 @@ class PerTokenExperts(nn.Module):
                     p[i, j].uniform_(-(fan_in**-0.5), fan_in**-0.5, generator=gen)
         self.w1, self.b1, self.w2, self.b2 = (nn.Parameter(p) for p in (w1, b1, w2, b2))
 
-    def forward(self, x_BtD: Tensor, gates_BtE: Tensor) -> Tensor:
+    def forward(self, x_tBD: Tensor, gates_tBE: Tensor) -> Tensor:
         """Dense weighted sum over all experts: two batched matmuls over the token axis.
 
         Args:
-            x_BtD: B x t x D states of the owned positions (any strides; token-major views are fastest).
-            gates_BtE: B x t x E gates.
+            x_tBD: t x B x D states of the owned positions (token-major, as the whole model).
+            gates_tBE: t x B x E gates.
 
         Returns:
-            y_BtD: B x t x D = sum_j gates[..., j] * e_j(x) (a transposed view of token-major storage).
+            y_tBD: t x B x D = sum_j gates[..., j] * e_j(x).
         """
-        x_tBD, g_tBE = x_BtD.transpose(0, 1), gates_BtE.transpose(0, 1).to(x_BtD.dtype)
+        g_tBE = gates_tBE.to(x_tBD.dtype)
         t, B, D = x_tBD.shape
         E, H = self.num_experts, self.expert_mult * D
         w1_tDX = self.w1.permute(0, 2, 1, 3).reshape(t, D, E * H)  # small weight copy, big GEMM
         h_tBX = F.gelu(torch.baddbmm(self.b1.view(t, 1, E * H), x_tBD, w1_tDX))
         hg_tBX = (h_tBX.view(t, B, E, H) * g_tBE.unsqueeze(-1)).view(t, B, E * H)
         bias_tBD = torch.bmm(g_tBE, self.b2)  # sum_j g_j b2_j
-        return torch.baddbmm(bias_tBD, hg_tBX, self.w2.view(t, E * H, D)).transpose(0, 1)
+        return torch.baddbmm(bias_tBD, hg_tBX, self.w2.view(t, E * H, D))
 
-    def forward_sparse(self, x_BtD: Tensor, gates_BtE: Tensor) -> Tensor:
-        """Same result as `forward`, computing only the (sample, token, expert) triples with a non-zero gate.
+    def forward_sparse(self, x_tBD: Tensor, gates_tBE: Tensor) -> Tensor:
+        """Same result as `forward`, computing only the (token, sample, expert) triples with a non-zero gate.
 
         Rows are grouped by (position, expert) with one `nonzero`; each group is one gather, two GEMMs
         and one `index_add_` (a loop over the t x E groups, never over samples).
 
         Args:
-            x_BtD: B x t x D states.
-            gates_BtE: B x t x E gates.
+            x_tBD: t x B x D states.
+            gates_tBE: t x B x E gates.
 
         Returns:
-            y_BtD: B x t x D.
+            y_tBD: t x B x D.
         """
-        x_tBD, g_tBE = x_BtD.transpose(0, 1), gates_BtE.transpose(0, 1).to(x_BtD.dtype)
+        g_tBE = gates_tBE.to(x_tBD.dtype)
         t, B, D = x_tBD.shape
         E = self.num_experts
         mask_tEB = g_tBE.permute(0, 2, 1) != 0
@@ -139,7 +139,7 @@ class PerTokenExperts(nn.Module):
             h = F.gelu(torch.addmm(self.b1[i, j], x_tBD[i].index_select(0, idx), self.w1[i, j]))
             y = torch.addmm(self.b2[i, j], h, self.w2[i, j]) * g_tBE[i].index_select(0, idx)[:, j : j + 1]
             y_tBD[i].index_add_(0, idx, y)
-        return y_tBD.transpose(0, 1)
+        return y_tBD
 
 
 def _relu_gates(logits_TBE: Tensor) -> tuple[Tensor, Tensor]:
@@ -179,8 +179,8 @@ class PerTokenMoE(nn.Module):
         self, num_tokens: int, d_model: int, cfg: MoEConfig, *, layer: int, seed: int, gen: torch.Generator
     ) -> None:
         super().__init__()
-        if cfg.router not in ("relu", "topk"):
-            raise ValueError(f"model/moe.py: moe.router must be 'relu' or 'topk', got {cfg.router!r}")
+        if cfg.router not in ROUTERS:
+            raise ValueError(f"model/moe.py: moe.router must be one of {ROUTERS}, got {cfg.router!r}")
         if cfg.router == "topk" and not 1 <= cfg.top_k <= cfg.num_experts:
             raise ValueError(f"model/moe.py: moe.top_k ({cfg.top_k}) must be in [1, moe.num_experts]")
         T, D, E = num_tokens, d_model, cfg.num_experts
@@ -228,11 +228,10 @@ class PerTokenMoE(nn.Module):
                 g_TBE = g_tr_TBE
         else:
             g_TBE = g_inf_TBE
-        x_BTD, g_BTE = s_TBD.transpose(0, 1), g_TBE.transpose(0, 1)
         if not self.training and self.sparse_inference:
-            v_BTD = self.experts.forward_sparse(x_BTD, g_BTE)
+            v_TBD = self.experts.forward_sparse(s_TBD, g_TBE)
         else:
-            v_BTD = self.experts(x_BTD, g_BTE)
+            v_TBD = self.experts(s_TBD, g_TBE)
 
         routed_TBE = (g_inf_TBE > 0).to(s_TBD.dtype)
         reg = s_TBD.new_zeros(())
@@ -248,7 +247,7 @@ class PerTokenMoE(nn.Module):
             if self.training:
                 self.train_active.copy_(active_TE.mean())
         stats = {"active_T": active_TE.mean(-1), "dead_TE": (active_TE == 0).to(s_TBD.dtype)}
-        return v_BTD.transpose(0, 1), reg, stats
+        return v_TBD, reg, stats
 
     @torch.no_grad()
     def update_l1(self, active: float | Tensor | None = None) -> None:
@@ -291,3 +290,15 @@ class PerTokenMoE(nn.Module):
 def moe_layers(model: nn.Module) -> list[PerTokenMoE]:
     """All PerTokenMoE layers of `model`, in block order."""
     return [m for m in model.modules() if isinstance(m, PerTokenMoE)]
+
+
+def train_activation(model: nn.Module) -> list[float]:
+    """Per MoE layer, the inference router's activation measured in the last training forward (-1 before any)."""
+    return [float(layer.train_active) for layer in moe_layers(model)]
+
+
+def steer_l1(model: nn.Module, active: list[float]) -> None:
+    """One step of every layer's L1 controller towards `moe.target_activation`, on the given activations
+    (under data parallelism: the activations averaged over ranks, so lambda stays identical everywhere)."""
+    for layer, a in zip(moe_layers(model), active, strict=True):
+        layer.update_l1(active=a)

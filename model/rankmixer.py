@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from model.config import ModelConfig, MoEConfig
+from model.config import MIXINGS, ModelConfig, MoEConfig
 from model.ffn import PerTokenFFN, SharedFFN
 from model.init import uniform_param
 from model.mixing import ArticleMixing, IdentityMixing, SelfAttention, TokenMixing, check_heads
@@ -138,8 +138,8 @@ class RankMixer(nn.Module):
         check_heads(D, T)
         if mixer not in MIXERS:
             raise ValueError(f"model/rankmixer.py: mixer must be one of {MIXERS}, got {mixer!r}")
-        if model.mixing not in ("paper", "article"):
-            raise ValueError(f"model/rankmixer.py: model.mixing must be 'paper' or 'article', got {model.mixing!r}")
+        if model.mixing not in MIXINGS:
+            raise ValueError(f"model/rankmixer.py: model.mixing must be one of {MIXINGS}, got {model.mixing!r}")
         if num_tasks < 1:
             raise ValueError(f"model/rankmixer.py: num_tasks (label columns) must be >= 1, got {num_tasks}")
         gen = torch.Generator().manual_seed(seed)

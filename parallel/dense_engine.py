@@ -1,6 +1,7 @@
 """The one module that talks to DeepSpeed: engine config, optimizer, gradient clipping.
 
-The dense model (RankMixer and its experts, never the embedding tables: stack-notes trap 3) goes
+The dense model (RankMixer and its experts, never the embedding tables: DeepSpeed would broadcast
+rank 0's table shards over the other ranks' at start, see `parallel.layout`) goes
 into `deepspeed.initialize`. Expert parameters (marked by `parallel.expert_parallel`) get their own
 optimizer parameter groups and are all-reduced only over the expert-data-parallel group.
 """
@@ -8,6 +9,7 @@ optimizer parameter groups and are all-reduced only over the expert-data-paralle
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,8 @@ from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_gr
 from deepspeed.utils import groups
 from torch import nn
 
-from config.job import JobConfig
+from config import JobConfig
+from config.training import DENSE_OPTIMIZERS
 
 
 def deepspeed_config(cfg: JobConfig) -> dict[str, Any]:
@@ -39,6 +42,16 @@ def deepspeed_config(cfg: JobConfig) -> dict[str, Any]:
     }
 
 
+OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]], float], torch.optim.Optimizer]] = {
+    "rmsprop": lambda groups, lr: torch.optim.RMSprop(groups, lr=lr, alpha=0.99, eps=1e-8),
+    "adamw": lambda groups, lr: torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8),
+    "adam": lambda groups, lr: torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8),
+    "sgd": lambda groups, lr: torch.optim.SGD(groups, lr=lr, momentum=0.9),
+}
+"""The dense optimizer of each name of `config.training.DENSE_OPTIMIZERS` (exactly those)."""
+assert tuple(OPTIMIZERS) == DENSE_OPTIMIZERS, "parallel/dense_engine.py: OPTIMIZERS must match DENSE_OPTIMIZERS"
+
+
 def build_optimizer(model: nn.Module, cfg: JobConfig) -> torch.optim.Optimizer:
     """The dense optimizer (training.optimizer) over DeepSpeed MoE parameter groups."""
     t = cfg.training
@@ -53,13 +66,9 @@ def build_optimizer(model: nn.Module, cfg: JobConfig) -> torch.optim.Optimizer:
     ]
     param_groups = [g for g in param_groups if g["params"]]
     param_groups = split_params_into_different_moe_groups_for_optimizer(param_groups)
-    if t.optimizer == "rmsprop":
-        return torch.optim.RMSprop(param_groups, lr=t.lr, alpha=0.99, eps=1e-8)
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups, lr=t.lr, betas=(0.9, 0.999), eps=1e-8)
-    if t.optimizer == "adam":
-        return torch.optim.Adam(param_groups, lr=t.lr, betas=(0.9, 0.999), eps=1e-8)
-    return torch.optim.SGD(param_groups, lr=t.lr, momentum=0.9)
+    if t.optimizer not in OPTIMIZERS:
+        raise ValueError(f"training.optimizer = {t.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[t.optimizer](param_groups, t.lr)
 
 
 def init_engine(model: nn.Module, cfg: JobConfig, run_dir: Path | None) -> Any:

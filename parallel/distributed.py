@@ -1,7 +1,9 @@
 """Process-group start-up and small collective helpers.
 
 `init_distributed()` joins the default process group (or runs as a single process without torchrun),
-with the elastic-restart workaround of stack-notes trap 9: under torchrun's agent store, connect to
+with an elastic-restart workaround: after torchrun restarts the workers, a plain gloo
+`init_process_group` failed again and again ("Gloo connectFullMesh failed": stale addresses in the
+agent's store). So under torchrun's agent store we connect to
 the agent's TCPStore ourselves and give gloo a fresh prefix per restart attempt.
 """
 
@@ -76,3 +78,9 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def destroy() -> None:
+    """Tear down the default process group (the entry point that created it calls this)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,13 +1,15 @@
 """Expert parallelism for RankMixer's per-token experts, on DeepSpeed's expert-parallel groups.
 
 DeepSpeed's stock `MoE` layer flattens tokens and routes them over one shared pool of experts with
-a capacity limit (stack-notes trap 5). RankMixer's experts belong to token positions, so we shard
+a capacity limit: token position is lost, tokens over capacity are dropped, and random token
+selection breaks exact resume. RankMixer's experts belong to token positions, so we shard
 by position instead: in an expert-parallel group of size P, rank p owns token positions
 [p T/P, (p+1) T/P) and all their experts. One all-to-all sends every rank's states for those
 positions (and their gates) to rank p, which runs its experts over P x B rows, and one all-to-all
 sends the outputs back. No token is dropped and routing is exactly the model's.
 
-Legend: B local batch, T tokens, t = T / P owned tokens, D width, E experts per token, P ep size.
+Legend: B local batch, T tokens, t = T / P owned tokens, D width, E experts per token, P ep size,
+R = P x B rows an owner runs per position.
 
 The wrapper subclasses DeepSpeed's `MoE` only so that the engine recognises expert parameters: it
 marks them `allreduce = False` with `group_name = "ep_size_<P>"`, so DeepSpeed all-reduces their
@@ -16,9 +18,10 @@ gradients only over the expert-data-parallel group and builds MoE optimizer para
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 from torch import nn
@@ -42,10 +45,30 @@ def owned_positions(num_tokens: int, ep_size: int, ep_rank: int) -> list[int]:
     return list(range(ep_rank * t, (ep_rank + 1) * t))
 
 
-def _a2a(x_PBtX: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+class _AllToAll(torch.autograd.Function):
+    """All-to-all over the leading P axis with equal splits; its gradient is the same all-to-all back.
+
+    Written on `dist.all_to_all_single` (torch.distributed.nn.functional's version is deprecated)."""
+
+    @staticmethod
+    def forward(ctx: Any, x_PX: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        x_PX = x_PX.contiguous()
+        out = torch.empty_like(x_PX)
+        dist.all_to_all_single(out, x_PX, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_PX: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        grad_PX = grad_PX.contiguous()
+        out = torch.empty_like(grad_PX)
+        dist.all_to_all_single(out, grad_PX, group=ctx.group)
+        return out, None
+
+
+def all_to_all(x_PX: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Differentiable all-to-all over the leading P axis (equal splits)."""
-    out = torch.empty_like(x_PBtX)
-    return dist_fn.all_to_all_single(out, x_PBtX, group=group)
+    return _AllToAll.apply(x_PX, group)
 
 
 class ExpertParallelExperts(MoE):
@@ -81,23 +104,29 @@ class ExpertParallelExperts(MoE):
     def positions(self) -> list[int]:
         return self.local.positions
 
-    def forward(self, x_BTD: torch.Tensor, gates_BTE: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """x_BTD: B x T x D states, gates_BTE: B x T x E gates -> B x T x D expert outputs."""
-        B, T, D = x_BTD.shape
-        P, E = self.ep_size, gates_BTE.shape[-1]
+    def forward(self, x_TBD: torch.Tensor, gates_TBE: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """x_TBD: T x B x D states, gates_TBE: T x B x E gates (token-major) -> T x B x D expert outputs.
+
+        Token-major storage makes rank q's positions one contiguous block, so the outgoing all-to-all
+        needs no copy and the returning one lands in T x B x D order; the owner permutes once in and
+        once out to run its t positions over all P x B rows.
+        """
+        T, B, D = x_TBD.shape
+        P, E = self.ep_size, gates_TBE.shape[-1]
         t = T // P
-        sizes = [torch.zeros(1, dtype=torch.long, device=x_BTD.device) for _ in range(P)]
-        dist.all_gather(sizes, torch.tensor([B], device=x_BTD.device), group=self.group)
+        sizes = [torch.zeros(1, dtype=torch.long, device=x_TBD.device) for _ in range(P)]
+        dist.all_gather(sizes, torch.tensor([B], device=x_TBD.device), group=self.group)
         if any(int(s) != B for s in sizes):
             raise RuntimeError(
                 f"expert parallelism needs equal batch sizes in its group, got {[int(s) for s in sizes]}"
             )
-        # P x B x t x D: block q holds this rank's rows for rank q's positions.
-        x_PBtD = _a2a(x_BTD.view(B, P, t, D).transpose(0, 1).contiguous(), self.group)
-        g_PBtE = _a2a(gates_BTE.view(B, P, t, E).transpose(0, 1).contiguous(), self.group)
-        y_PBtD = self.local(x_PBtD.reshape(P * B, t, D), g_PBtE.reshape(P * B, t, E)).view(P, B, t, D)
-        back_PBtD = _a2a(y_PBtD.contiguous(), self.group)
-        return back_PBtD.transpose(0, 1).reshape(B, T, D)
+        # P x t x B x D: block q holds rank q's rows for this rank's t positions.
+        x_PtBD = all_to_all(x_TBD.view(P, t, B, D), self.group)
+        g_PtBE = all_to_all(gates_TBE.view(P, t, B, E), self.group)
+        x_tRD = x_PtBD.transpose(0, 1).reshape(t, P * B, D)  # R = P x B rows per owned position
+        g_tRE = g_PtBE.transpose(0, 1).reshape(t, P * B, E)
+        y_PtBD = self.local(x_tRD, g_tRE).view(t, P, B, D).transpose(0, 1)
+        return all_to_all(y_PtBD, self.group).view(T, B, D)
 
 
 def shard_experts(model: nn.Module, ep_size: int, ep_rank: int, seed: int) -> int:

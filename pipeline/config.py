@@ -1,9 +1,25 @@
 """Typed config sections for the input side: where the data is (`data`) and what its columns mean
-(`features`). Every field has a docstring; `config.job` loads them from TOML."""
+(`features`). Every field has a docstring; `config` loads them from TOML and calls `validate()`.
+
+The allowed names live here, next to their fields, and the code that implements them dispatches on
+these same constants (`pipeline.ids` on ID_MAPPINGS, `embeddings.tables` on POOLINGS, the planner on
+BAD_FILE_POLICIES), so a new name cannot be accepted here and fall through there.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from schema import ConfigError, check_one_of, check_range
+
+ID_MAPPINGS = ("hash", "modulo", "raw")
+"""`features.sparse[i].id_mapping`: how raw ids reach [0, vocab_size) (see SparseFeature.id_mapping)."""
+ID_DTYPES = ("int64", "string")
+"""`features.sparse[i].dtype`: the column's type."""
+POOLINGS = ("sum", "mean")
+"""`features.sparse[i].pooling`: how a bag of ids becomes one vector ('' picks by max_len)."""
+BAD_FILE_POLICIES = ("error", "skip")
+"""`data.on_bad_file`."""
 
 
 @dataclass
@@ -41,6 +57,19 @@ class SparseFeature:
     def pooling_mode(self) -> str:
         return self.pooling or ("sum" if self.max_len == 1 else "mean")
 
+    def validate(self, key: str, groups: list[str]) -> None:
+        """Check this feature's own fields; `key` is its config path (features.sparse[i])."""
+        if not self.name:
+            raise ConfigError(f"config key '{key}.name' is empty")
+        if self.group not in groups:
+            raise ConfigError(f"config key '{key}.group' = {self.group!r} is not in features.groups {groups}")
+        for name in ("vocab_size", "dim", "max_len"):
+            check_range(getattr(self, name), f"{key}.{name}", min=1)
+        check_one_of(self.id_mapping, ID_MAPPINGS, f"{key}.id_mapping")
+        check_one_of(self.dtype, ID_DTYPES, f"{key}.dtype")
+        if self.pooling:
+            check_one_of(self.pooling, POOLINGS, f"{key}.pooling")
+
 
 @dataclass
 class FeaturesConfig:
@@ -57,6 +86,31 @@ class FeaturesConfig:
     sparse: list[SparseFeature] = field(default_factory=list)
     """Categorical and sequence features, as [[features.sparse]] tables."""
 
+    def validate(self) -> None:
+        """Labels and features present, names unique, shared tables consistent."""
+        if not self.labels:
+            raise ConfigError("config key 'features.labels' must name at least one label column (one per task)")
+        if not self.sparse and not self.dense:
+            raise ConfigError("config section 'features': no sparse or dense features configured")
+        seen: set[str] = set()
+        tables: dict[str, SparseFeature] = {}
+        for i, sf in enumerate(self.sparse):
+            key = f"features.sparse[{i}]"
+            sf.validate(key, self.groups)
+            if sf.name in seen:
+                raise ConfigError(f"config key '{key}.name' = {sf.name!r} appears twice")
+            seen.add(sf.name)
+            other = tables.setdefault(sf.table_name, sf)
+            if (other.vocab_size, other.dim) != (sf.vocab_size, sf.dim):
+                raise ConfigError(
+                    f"config key '{key}': table {sf.table_name!r} is shared with feature {other.name!r} but has a "
+                    f"different vocab_size/dim ({sf.vocab_size}/{sf.dim} vs {other.vocab_size}/{other.dim})"
+                )
+
+    def table_names(self) -> list[str]:
+        """Embedding table names in first-appearance order."""
+        return list(dict.fromkeys(sf.table_name for sf in self.sparse))
+
 
 @dataclass
 class DataConfig:
@@ -70,8 +124,9 @@ class DataConfig:
     """Rows per batch on each rank (the global batch is batch_size x world size)."""
     eval_batch_size: int = 1024
     """Rows per eval batch on each rank."""
-    num_workers: int = 1
-    """Reader processes per rank (0 reads in the training process)."""
+    num_workers: int = 0
+    """Reader processes per rank (0 reads in the training process: on a machine without spare cores
+    the cheapest, see bench.pipeline; >= 1 takes decoding off the training process)."""
     shuffle: bool = True
     """Shuffle work units per (seed, epoch) and rows within a bounded window."""
     shuffle_window: int = 16384
@@ -90,3 +145,12 @@ class DataConfig:
     """Column of unique int64 row ids used for the exactly-once audit; empty disables the audit."""
     prefetch_row_groups: int = 2
     """Decoded row groups each reader may hold at once (bounds memory)."""
+
+    def validate(self) -> None:
+        """Paths present, sizes and counts in range, names known."""
+        if not self.train:
+            raise ConfigError("config key 'data.train' is empty; expected a directory, glob, file or URI")
+        for name in ("batch_size", "eval_batch_size", "shuffle_window", "prefetch_row_groups"):
+            check_range(getattr(self, name), f"data.{name}", min=1)
+        check_range(self.num_workers, "data.num_workers", min=0)
+        check_one_of(self.on_bad_file, BAD_FILE_POLICIES, "data.on_bad_file")

@@ -4,8 +4,9 @@ Every function here is a pure numpy function of its inputs: the same ids give th
 every process, run and machine (no Python `hash()`, no per-process salt).
 
     mix64(x)                 splitmix64 finaliser, a bijection on 64-bit words
-    map_ids(ids, V, mode)    'hash' | 'modulo' | 'raw' -> int64 ids in [0, V) (raw: unchanged)
-    map_ids_into(ids, V, mode, out)   the same, written into a caller's buffer
+    map_ids_into(ids, V, mode, out)   'hash' | 'modulo' | 'raw' -> int64 ids in [0, V) (raw: unchanged),
+                             written into a caller's buffer ('hash': mix64(id) mod V for every id;
+                             'modulo': ids in range kept, the others hashed into range)
     hash_strings(array)      pyarrow string array -> int64 (FNV-1a 64 of the UTF-8 bytes, then mix64)
 """
 
@@ -15,12 +16,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.config import ID_MAPPINGS
+
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
-ID_MAPPINGS = ("hash", "modulo", "raw")
 
 
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
@@ -110,41 +112,11 @@ def _hash_mod(ids: np.ndarray, vocab_size: int) -> np.ndarray:
     return _mod(mix64(ids), vocab_size)
 
 
-def map_ids(ids: np.ndarray, vocab_size: int, mode: str) -> np.ndarray:
-    """Map raw int64 ids into [0, vocab_size).
-
-    Args:
-        ids: int64 array (any shape).
-        vocab_size: table rows (>= 1).
-        mode: 'hash' (mix64(id) mod vocab_size for every id), 'modulo' (ids in range kept, the others,
-            negative ones included, hashed into range) or 'raw' (returned unchanged).
-    Returns:
-        int64 array, same shape.
-    """
-    return map_ids_counted(ids, vocab_size, mode)[0]
-
-
-def map_ids_counted(ids: np.ndarray, vocab_size: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """`map_ids` plus a boolean mask (same shape) of the ids that were out of [0, vocab_size) and had to
-    be hashed into range ('modulo' mode only; all False otherwise)."""
-    ids = np.asarray(ids, dtype=np.int64)
-    if mode == "raw":
-        return ids, np.zeros(ids.shape, dtype=bool)
-    if mode == "hash":
-        return _hash_mod(ids, vocab_size), np.zeros(ids.shape, dtype=bool)
-    if mode == "modulo":
-        bad = (ids < 0) | (ids >= vocab_size)
-        out = ids.copy()
-        if bad.any():
-            out[bad] = _mod(mix64(ids[bad]), vocab_size)
-        return out, bad
-    raise ValueError(f"unknown id_mapping {mode!r}; expected one of {', '.join(ID_MAPPINGS)}")
-
-
 def map_ids_into(ids: np.ndarray, vocab_size: int, mode: str, out: np.ndarray) -> np.ndarray | None:
-    """`map_ids_counted` writing the mapped ids into `out` (a contiguous int64 array of ids' size)
-    instead of a new array (`pipeline.decode` maps 'modulo' ids of a row group this way; 'hash' ids
-    are left raw there and hashed by the compiled pass).
+    """Map raw int64 ids into [0, vocab_size), written into `out` (a contiguous int64 array of ids' size).
+
+    `pipeline.decode` maps 'modulo' ids of a row group this way; 'hash' ids are left raw there and
+    hashed by the compiled pass (`pipeline.native`), which computes the same values.
 
     Returns:
         The boolean mask of ids hashed into range ('modulo' mode), or None when there were none.

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.config import DataConfig, FeaturesConfig
+from pipeline.config import BAD_FILE_POLICIES, DataConfig, FeaturesConfig
 from pipeline.errors import DataError
 
 __all__ = ["DataError", "DatasetPlan", "WorkUnit", "plan_dataset", "resolve_files", "required_columns"]
@@ -190,8 +190,8 @@ def plan_dataset(uri: str, data: DataConfig, features: FeaturesConfig) -> Datase
         DataError naming the file (and column) on the first bad file when on_bad_file == "error", or
         when no usable file is left.
     """
-    if data.on_bad_file not in ("error", "skip"):
-        raise DataError(f"data.on_bad_file = {data.on_bad_file!r}; expected 'error' or 'skip'")
+    if data.on_bad_file not in BAD_FILE_POLICIES:
+        raise DataError(f"data.on_bad_file = {data.on_bad_file!r}; expected one of {', '.join(BAD_FILE_POLICIES)}")
     fs, paths = resolve_files(uri)
     expected = _expected(data, features)
     files: list[str] = []

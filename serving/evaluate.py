@@ -25,18 +25,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from checkpoint.format import latest_checkpoint, read_meta, require_complete
+from metrics.auc import EvalAccumulator
+from parallel.distributed import destroy, init_distributed
+from pipeline.loader import ParquetLoader
+from pipeline.plan import plan_dataset
+from serving.model import ServingError, from_checkpoint, load_run_config
+
 
 def evaluate(run: Path, checkpoint: Path | None, overrides: list[str]) -> tuple[dict[str, Any], bool]:
     """Score the eval split on every rank of the job (or alone); returns (eval.json's content, is rank 0)."""
-    from metrics.auc import EvalAccumulator
-    from parallel.distributed import init_distributed
-    from pipeline.loader import ParquetLoader
-    from pipeline.plan import plan_dataset
-    from serving.model import ServingError, check_checkpoint, from_checkpoint, latest_checkpoint, load_run_config
-    from train.checkpoint import read_meta
-
     cfg = load_run_config(run, overrides)
-    ckpt = check_checkpoint(checkpoint) if checkpoint is not None else latest_checkpoint(run)
+    ckpt = require_complete(checkpoint) if checkpoint is not None else latest_checkpoint(run)
     if not cfg.data.eval:
         raise ServingError(f"{run / 'config.toml'}: data.eval is empty; pass --data.eval PATH")
     step = read_meta(ckpt).step
@@ -79,6 +79,4 @@ def evaluate(run: Path, checkpoint: Path | None, overrides: list[str]) -> tuple[
         return result, info.is_main
     finally:
         if info.owns_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            destroy()

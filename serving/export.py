@@ -34,7 +34,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from embeddings import feature_order, sparse_dim
+from checkpoint.format import latest_checkpoint, read_meta, require_complete
+from embeddings.regroup import feature_order, sparse_dim
 from pipeline.errors import DataError
 from serving.model import (
     DENSE,
@@ -47,14 +48,12 @@ from serving.model import (
     InferenceModel,
     ServingError,
     build_sparse,
-    check_checkpoint,
     from_checkpoint,
-    latest_checkpoint,
     load_run_config,
     quantize_table,
     set_sparse_inference,
 )
-from train.checkpoint import read_meta
+from serving.predict import predict_dataset, prediction_metrics
 
 FORMAT = "rankmixer-inference/1"
 DENSE_NOT_QUANTIZED = (
@@ -128,7 +127,6 @@ def _export_program(model: InferenceModel, out: Path) -> dict[str, Any]:
 
 def _eval(models: dict[str, InferenceModel], data: str) -> dict[str, Any]:
     """Metrics of each model on `data` (labels needed), the AUC change vs fp32 and the largest prob change."""
-    from serving.predict import predict_dataset, prediction_metrics
 
     out: dict[str, Any] = {"data": data}
     cols = {name: predict_dataset(m, data) for name, m in models.items()}
@@ -163,7 +161,7 @@ def export(
     if quantize not in ("none", "int8"):
         raise ServingError(f"--quantize {quantize!r}: expected 'none' or 'int8'")
     cfg = load_run_config(run, overrides)
-    ckpt = check_checkpoint(checkpoint) if checkpoint is not None else latest_checkpoint(run)
+    ckpt = require_complete(checkpoint) if checkpoint is not None else latest_checkpoint(run)
     meta = read_meta(ckpt)
     out = out or default_out(run, quantize)
     out.mkdir(parents=True, exist_ok=True)

@@ -31,15 +31,18 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from config.job import ConfigError, JobConfig, load_config
-from embeddings import build_sparse_arch, pooled_to_model_input, sparse_dim, table_specs
-from embeddings.tables import SparseArch, TableSpec
+from checkpoint.format import read_expert_shards
+from config import ConfigError, JobConfig, load_config
+from embeddings.regroup import pooled_to_model_input, sparse_dim
+from embeddings.tables import SparseArch, TableSpec, build_sparse_arch, table_specs
 from model.moe import moe_layers
 from model.zoo import build_model
 from pipeline.batch import Batch
 
 CONFIG_FILE = "config.toml"
-META = "meta.json"  # train.checkpoint.META; not imported, so that loading an artifact never imports DeepSpeed
+SERVING_PINS = {"parallelism.ep_size": 1, "training.resume": "never"}
+"""What serving fixes in a run's config: experts are loaded whole (merged from every expert-parallel
+shard), and nothing resumes; the file's values only described how training ran."""
 
 
 class ServingError(RuntimeError):
@@ -52,8 +55,8 @@ class ServingError(RuntimeError):
 def load_run_config(path: Path, overrides: list[str] | None = None) -> JobConfig:
     """The resolved config saved in a run directory (or an artifact), with `--section.field value` overrides.
 
-    Experts are always loaded whole (merged from every expert-parallel shard), so `parallelism.ep_size`
-    is reset to 1: the file's value only described how training was laid out.
+    `SERVING_PINS` are applied: experts are loaded whole, so `parallelism.ep_size` is 1 whatever
+    training used, and `training.resume` is 'never'.
 
     Raises:
         ServingError: the directory or its config.toml is missing, or the config is invalid.
@@ -64,27 +67,9 @@ def load_run_config(path: Path, overrides: list[str] | None = None) -> JobConfig
     if not file.is_file():
         raise ServingError(f"{file}: missing (is {path} a run directory written by launch.train?)")
     try:
-        return load_config(["--config", str(file), "--parallelism.ep_size", "1", *(overrides or [])], world_size=1)
+        return load_config(["--config", str(file), *(overrides or [])], world_size=1, pin=SERVING_PINS)
     except ConfigError as e:
         raise ServingError(f"{file}: {e}") from None
-
-
-def latest_checkpoint(run_dir: Path) -> Path:
-    """The newest complete checkpoint under `run_dir/checkpoints` (ServingError naming the folder if none)."""
-    from train.checkpoint import complete_checkpoints
-
-    root = run_dir / "checkpoints"
-    found = complete_checkpoints(root)
-    if not found:
-        raise ServingError(f"{root}: no complete checkpoint (a step_* folder with {META})")
-    return found[-1]
-
-
-def check_checkpoint(path: Path) -> Path:
-    """`path` if it is a complete checkpoint, else ServingError naming it."""
-    if not (path / META).is_file():
-        raise ServingError(f"{path}: not a complete checkpoint (no {META})")
-    return path
 
 
 def _supported(cfg: JobConfig) -> None:
@@ -129,15 +114,9 @@ def read_dense_state(ckpt: Path, model: nn.Module) -> dict[str, Tensor]:
     state = load_file(str(dense_file))
     layers = moe_layers(model)
     if layers:
-        # reading a training checkpoint (export / evaluate) may import DeepSpeed; loading an artifact never does
-        from train.checkpoint import CheckpointError, read_expert_shards
-
         prefix = {id(m): n for n, m in model.named_modules()}
         wanted = [(list(range(layer.num_tokens)), [n for n, _ in layer.experts.named_parameters()]) for layer in layers]
-        try:
-            shards = read_expert_shards(ckpt, wanted)
-        except CheckpointError as e:
-            raise ServingError(str(e)) from None
+        shards = read_expert_shards(ckpt, wanted)
         for layer, tensors in zip(layers, shards):
             for name, t in tensors.items():
                 state[f"{prefix[id(layer)]}.experts.{name}"] = t

@@ -27,6 +27,11 @@ import pyarrow.parquet as pq
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
+from embeddings.regroup import sparse_dim
+from model.zoo import build_model
+from pipeline.plan import resolve_files
+from pipeline.tools.synth import auc
+from pipeline.tools.synth import generate
 
 # Roles of the arms in the quality targets (issue 8). An arm that did not run gives N/A, never PASS.
 DENSE = "rankmixer"
@@ -63,7 +68,6 @@ def ensure_data(tree: dict[str, Any], synth: SynthSpec | None) -> None:
     if synth is None or train.resolve() != (Path(synth.out) / "train").resolve():
         where = "no [study.synth]" if synth is None else f"[study.synth] writes {synth.out}/train"
         raise FileNotFoundError(f"data.train = {train} not found ({where}); point data.train/data.eval at Parquet data")
-    from pipeline.tools.synth import generate  # noqa: PLC0415 - only needed when data is missing
 
     out = Path(synth.out)
     tmp = out.with_name(out.name + ".partial")
@@ -76,8 +80,6 @@ def ensure_data(tree: dict[str, Any], synth: SynthSpec | None) -> None:
 
 def train_flops_per_sample(cfg: Any) -> float:
     """Analytic training FLOPs per sample of the run's model (cfg: a JobConfig; MoE counted dense, as trained)."""
-    from embeddings.regroup import sparse_dim  # noqa: PLC0415
-    from model.zoo import build_model  # noqa: PLC0415
 
     f = cfg.features
     model = build_model(cfg.model, cfg.moe, sparse_dim=sparse_dim(f), num_dense=len(f.dense), num_tasks=len(f.labels))
@@ -255,8 +257,6 @@ def quality_checks(models: dict[str, dict[str, Any]], tasks: list[str]) -> list[
 def oracle_aucs(eval_uri: str, tasks: list[str]) -> dict[str, float] | None:
     """AUC of the teacher's `oracle_p_<task>` columns on the eval split (pipeline.tools.synth data); None when
     the data has no such columns (a user's own Parquet)."""
-    from pipeline.plan import resolve_files  # noqa: PLC0415
-    from pipeline.tools.synth import auc  # noqa: PLC0415
 
     fs, files = resolve_files(eval_uri)
     cols = [c for t in tasks for c in (t, f"oracle_p_{t}")]

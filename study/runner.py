@@ -34,7 +34,8 @@ from typing import Any
 import tomli_w
 
 from study import report
-from config.job import ConfigError, JobConfig, load_config
+from config import ConfigError, JobConfig, load_config
+from pipeline.plan import plan_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -300,7 +301,6 @@ def run_study(args: argparse.Namespace, overrides: list[str], argv: list[str]) -
     spec.scaling = _subset(spec.scaling, args.scaling, "--scaling", args.config)
     report.ensure_data(base, spec.synth)
     tasks = list(cfg.features.labels)
-    from pipeline.plan import plan_dataset  # noqa: PLC0415 - footers only; bad files fail before training
 
     train_rows = plan_dataset(cfg.data.train, cfg.data, cfg.features).num_rows
     eval_rows = plan_dataset(cfg.data.eval, cfg.data, cfg.features).num_rows

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from config.training import LR_DECAYS
+
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, decay: str, min_ratio: float) -> float:
     """Multiplier of the peak learning rate at optimizer step `step` (0-based).
@@ -18,4 +20,6 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, decay: str, min_ra
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     if decay == "linear":
         return 1.0 - (1.0 - min_ratio) * progress
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if decay == "cosine":
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"training.lr_decay = {decay!r}; expected one of {', '.join(LR_DECAYS)}")

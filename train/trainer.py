@@ -1,12 +1,11 @@
-"""The training loop: TorchRec sparse model parallelism + DeepSpeed dense/expert parallelism.
+"""The training loop: data -> `TrainStep` -> logs, evaluation, checkpoints, summary.
 
-    batch (pipeline) --KJT--> DistributedModelParallel(EmbeddingBagCollection)   tables sharded
-          --pooled KeyedTensor, regrouped by name--> sparse_BE
-          --DeepSpeed engine(RankMixer)--> logits_BK (experts sharded by token position)
-    loss = sum_k BCE_k + MoE regularizers;  engine.backward(loss) reaches the tables, whose fused
-    optimizer steps inside backward;  clip by the global norm;  engine.step() for the dense side.
+    Trainer(cfg, info)        plans the data (footers only), builds the sparse arch and the zoo model,
+                              `parallelize`s them (tables, experts, DeepSpeed engine), resumes if asked
+    trainer.fit()             epochs of `TrainStep` (which owns the loss), periodic logs / eval /
+                              checkpoints, a final eval and checkpoint, summary.json
 
-Legend: B batch per rank, E embedding width, K tasks.
+Legend: B batch per rank, K tasks.
 """
 
 from __future__ import annotations
@@ -18,25 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from config.job import JobConfig
-from embeddings import build_sparse_arch, pooled_to_model_input, set_sparse_lr, shard_sparse_arch, sparse_dim
+from config import JobConfig
+from embeddings.regroup import sparse_dim
+from embeddings.tables import build_sparse_arch
 from metrics.auc import EvalAccumulator, WindowedAUC
 from metrics.mfu import mfu, peak_flops, rss_mb
 from metrics.plots import write_plots
 from metrics.tracking import MetricsLogger
-from model.moe import moe_layers
-from model.output import task_loss
 from model.zoo import build_model
-from parallel.dense_engine import clip_grad_norm_, init_engine, set_dense_lr
 from parallel.distributed import DistInfo, all_reduce_sum
-from parallel.expert_parallel import create_ep_groups, shard_experts
-from pipeline.batch import Batch
+from parallel.layout import parallelize
 from pipeline.loader import ParquetLoader, dataset_audit
 from pipeline.plan import plan_dataset
-from train.checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
-from train.schedule import lr_factor
+from train.checkpoint import CheckpointError, CheckpointManager, CheckpointParts
+from train.step import TrainStep
 
 MASK64 = (1 << 64) - 1
 
@@ -68,31 +63,22 @@ class Trainer:
             )
         self.total_steps = t.steps or t.epochs * self.steps_per_epoch
 
-        # Sparse side: tables sharded by TorchRec, optimizer fused into backward.
-        ebc = build_sparse_arch(f, cfg.embeddings, device=torch.device("meta"), seed=t.seed)
-        self.dmp, self.plan_report = shard_sparse_arch(
-            ebc, f, cfg.embeddings, device=self.device, world_size=info.world_size
-        )
-
-        # Dense side: the zoo model, experts sharded by token position, under DeepSpeed.
+        # The sparse arch (tables on "meta": DMP materialises only local shards) and the zoo model, then
+        # tables sharded, experts sharded by token position and the DeepSpeed engine (parallel.layout).
+        sparse_arch = build_sparse_arch(f, cfg.embeddings, device=torch.device("meta"), seed=t.seed)
         model = build_model(
-            cfg.model,
-            cfg.moe,
-            sparse_dim=sparse_dim(f),
-            num_dense=len(f.dense),
-            num_tasks=len(f.labels),
-            seed=t.seed,
+            cfg.model, cfg.moe, sparse_dim=sparse_dim(f), num_dense=len(f.dense), num_tasks=len(f.labels), seed=t.seed
         ).to(self.device)
         self.params = model.num_params()
-        self.ep_size = cfg.parallelism.ep_size
-        self.ep_rank = info.rank % self.ep_size
-        self.expert_params_per_rank = 0
-        if cfg.moe.enabled:
-            create_ep_groups(self.ep_size)
-            self.expert_params_per_rank = shard_experts(model, self.ep_size, self.ep_rank, t.seed)
-        self.engine = init_engine(model, cfg, self.run_dir if info.is_main else None)
-        self.model = self.engine.module
-        self.moe = moe_layers(self.model)
+        self.par = parallelize(cfg, info, sparse_arch, model, self.run_dir)
+        self.layout, self.dmp, self.engine, self.model = self.par.layout, self.par.dmp, self.par.engine, self.par.model
+        self.plan_report = self.par.plan_report
+        self.step_fn = TrainStep(cfg, self.par, self.total_steps)
+        self.ckpt = CheckpointManager(
+            self.ckpt_root,
+            CheckpointParts(self.dmp, self.model, self.engine.optimizer, self.layout, cfg.model.name),
+            keep_last=t.keep_last,
+        )
 
         # Metrics.
         self.tasks = list(f.labels)
@@ -137,51 +123,6 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
 
-    def _autocast(self) -> Any:
-        enabled = self.cfg.training.dtype == "bf16"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
-
-    def _forward(self, batch: Batch) -> tuple[Any, torch.Tensor]:
-        kt = self.dmp(batch.sparse)
-        if hasattr(kt, "wait"):
-            kt = kt.wait()
-        sparse_BE = pooled_to_model_input(kt, self.cfg.features)
-        with self._autocast():
-            out = self.engine(sparse_BE, batch.dense)
-        return out, sparse_BE
-
-    # ------------------------------------------------------------------ one step
-
-    def train_step(self, batch: Batch) -> dict[str, Any]:
-        t = self.cfg.training
-        factor = lr_factor(self.step, self.total_steps, t.warmup_steps, t.lr_decay, t.min_lr_ratio)
-        set_dense_lr(self.engine.optimizer, t.lr * factor)
-        set_sparse_lr(self.dmp, self.cfg.embeddings.lr * factor)
-        self.engine.train()
-        self.dmp.train()
-        out, _ = self._forward(batch)
-        loss, per_task = task_loss(out.logits_BK.float(), batch.labels, batch.weights)
-        total = loss + out.reg_loss
-        self.engine.backward(total)
-        grad_norm = clip_grad_norm_(self.model, t.grad_clip)
-        self.engine.step()
-        if self.moe:
-            # lambda must stay identical on every rank: steer it by the activation averaged over ranks
-            active = all_reduce_sum([float(layer.train_active) for layer in self.moe], torch.device("cpu"))
-            for layer, a in zip(self.moe, active):
-                layer.update_l1(active=a / self.info.world_size)
-        self.window_auc.update(torch.sigmoid(out.logits_BK.detach().float()), batch.labels, batch.weights)
-        self.step += 1
-        return {
-            "loss": float(loss.detach()),
-            "reg_loss": float(out.reg_loss.detach()),
-            "grad_norm": grad_norm,
-            "lr": t.lr * factor,
-            "sparse_lr": self.cfg.embeddings.lr * factor,
-            **{f"loss/{k}": float(v) for k, v in zip(self.tasks, per_task)},
-            **{k: v for k, v in out.stats.items()},
-        }
-
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
@@ -191,14 +132,14 @@ class Trainer:
             return {}
         self.engine.eval()
         self.dmp.eval()
-        acc = EvalAccumulator(self.tasks)
+        acc = EvalAccumulator(self.tasks, device=self.device)
         loader = self._loader(self.eval_plan, train=False)
         limit = self.cfg.training.eval_batches
         for i, batch in enumerate(loader):
             if limit and i >= limit:
                 break
             batch = batch.to(self.device, non_blocking=True)
-            out, _ = self._forward(batch)
+            out = self.step_fn.forward(batch)
             acc.update(torch.sigmoid(out.logits_BK.float()), batch.labels, batch.user_ids, batch.weights)
         self.engine.train()
         self.dmp.train()
@@ -227,33 +168,13 @@ class Trainer:
     def save(self) -> Path:
         if self.loader.batches_done >= len(self.loader):
             self._record_audit()  # an epoch-end checkpoint carries that epoch's audit even across a re-layout
-        return save_checkpoint(
-            self.ckpt_root,
-            step=self.step,
-            epoch=self.epoch,
-            dmp=self.dmp,
-            model=self.model,
-            optimizer=self.engine.optimizer,
-            trainer_state=self._trainer_state(),
-            ep_size=self.ep_size,
-            ep_rank=self.ep_rank,
-            expert_dp_rank=self.info.rank // self.ep_size,
-            model_name=self.cfg.model.name,
-            keep_last=self.cfg.training.keep_last,
-        )
+        return self.ckpt.save(self.step, self.epoch, self._trainer_state())
 
     def _maybe_resume(self) -> None:
-        path = resolve_resume(self.cfg.training.resume, self.ckpt_root)
+        path = self.ckpt.resolve(self.cfg.training.resume)
         if path is None:
             return
-        meta, state = load_checkpoint(
-            path,
-            dmp=self.dmp,
-            model=self.model,
-            optimizer=self.engine.optimizer,
-            ep_size=self.ep_size,
-            model_name=self.cfg.model.name,
-        )
+        meta, state = self.ckpt.load(path)
         self.step = int(state["step"])
         self.train_s, self.train_samples = float(state["train_s"]), int(state["train_samples"])
         self.epoch = int(state["epoch"])
@@ -269,6 +190,7 @@ class Trainer:
             self.loader.set_epoch(self.epoch)
             if self.cfg.training.steps == 0:  # epochs mode: the remaining epochs at this world size's step count
                 self.total_steps = self.step + (self.cfg.training.epochs - self.epoch) * self.steps_per_epoch
+                self.step_fn.total_steps = self.total_steps
         else:
             self.loader.load_state_dict(state["loader"])
         self.resumed_from = str(path)
@@ -288,7 +210,7 @@ class Trainer:
 
     def _global_audit(self) -> dict[str, int]:
         a = self.loader.audit()
-        cnt, lo, hi = all_reduce_sum([a["count"], a["checksum"] & 0xFFFFFFFF, a["checksum"] >> 32], torch.device("cpu"))
+        cnt, lo, hi = all_reduce_sum([a["count"], a["checksum"] & 0xFFFFFFFF, a["checksum"] >> 32], self.device)
         checksum = (int(lo) + (int(hi) << 32)) & MASK64
         return {"epoch": int(a["epoch"]), "count": int(cnt), "checksum": checksum}
 
@@ -300,7 +222,9 @@ class Trainer:
         while self.step < self.total_steps:
             for batch in self.loader:
                 batch = batch.to(self.device, non_blocking=True)
-                row = self.train_step(batch)
+                row, out = self.step_fn(batch, self.step)
+                self.step += 1
+                self.window_auc.update(torch.sigmoid(out.logits_BK.detach().float()), batch.labels, batch.weights)
                 timer_steps += 1
                 done = self.step >= self.total_steps
                 if self.step % t.log_every == 0 or done:
@@ -338,7 +262,7 @@ class Trainer:
     def _log_step(self, row: dict[str, Any], steps: int, dt: float) -> None:
         info = self.info
         rows = [row["loss"], row["reg_loss"], float(steps * self.cfg.data.batch_size)]
-        loss, reg, samples = all_reduce_sum(rows, torch.device("cpu"))
+        loss, reg, samples = all_reduce_sum(rows, self.device)
         sps = samples / max(dt, 1e-9)
         sps_rank = sps / info.world_size
         out: dict[str, Any] = {k: v for k, v in row.items() if not isinstance(v, torch.Tensor)}
@@ -379,8 +303,8 @@ class Trainer:
             "rows_consumed": int(rows_consumed),
             "restarts": int(self.info.restart_count),
             "world_size": self.info.world_size,
-            "ep_size": self.ep_size,
-            "expert_params_per_rank": int(self.expert_params_per_rank),
+            "ep_size": self.layout.ep_size,
+            "expert_params_per_rank": int(self.par.expert_params_per_rank),
             "peak_flops": self.peak,
             "peak_flops_source": self.peak_source,
             "resumed_from": self.resumed_from,
@@ -404,8 +328,3 @@ class Trainer:
 
 def _flatten_eval(ev: dict[str, dict[str, float]]) -> dict[str, float]:
     return {f"eval/{task}/{k}": v for task, m in ev.items() for k, v in m.items()}
-
-
-def destroy() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()

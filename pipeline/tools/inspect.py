@@ -9,11 +9,14 @@ batch size, shuffle and drop_last settings come from it; without, nothing is che
 from __future__ import annotations
 
 import argparse
+import tomllib
 from collections import Counter
+from pathlib import Path
 
 from pipeline.config import DataConfig, FeaturesConfig
 from pipeline.plan import DatasetPlan, plan_dataset
 from pipeline.split import batches_per_rank, reader_span, worker_batches
+from schema import ConfigError, build
 
 
 def describe(
@@ -58,19 +61,32 @@ def describe(
     return "\n".join(lines)
 
 
+def sections_from_toml(path: Path) -> tuple[DataConfig, FeaturesConfig, int]:
+    """The [data] and [features] sections of a job TOML (validated) and its training seed."""
+    try:
+        tree = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise SystemExit(f"inspect: {path}: {e}") from None
+    try:
+        data = build(DataConfig, tree.get("data", {}), "data")
+        features = build(FeaturesConfig, tree.get("features", {}), "features")
+        data.validate()
+        features.validate()
+    except ConfigError as e:
+        raise SystemExit(f"inspect: {path}: {e}") from None
+    return data, features, int(tree.get("training", {}).get("seed", 0))
+
+
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(prog="python -m pipeline.tools.inspect", description=__doc__.split("\n")[0])
     p.add_argument("path", help="directory, glob, file or URI")
     p.add_argument("--config", default="", help="job TOML: check its columns, use its data settings")
     p.add_argument("--world-size", type=int, default=1)
-    p.add_argument("--num-workers", type=int, default=None, help="default: data.num_workers (1)")
+    p.add_argument("--num-workers", type=int, default=None, help="default: data.num_workers (0)")
     p.add_argument("--batch-size", type=int, default=None, help="default: data.batch_size")
     a = p.parse_args(argv)
     if a.config:
-        from config.job import load_config
-
-        cfg = load_config(["--config", a.config], world_size=a.world_size)
-        data, features, seed = cfg.data, cfg.features, cfg.training.seed
+        data, features, seed = sections_from_toml(Path(a.config))
     else:
         data = DataConfig(row_id_column="")
         features, seed = FeaturesConfig(labels=[], user_id="", dense=[], sparse=[]), 0

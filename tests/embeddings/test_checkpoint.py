@@ -12,8 +12,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-from embeddings import build_sparse_arch, load_sparse, pooled_to_model_input, save_sparse, shard_sparse_arch
+from embeddings.checkpoint import load_sparse, save_sparse
 from embeddings.config import EmbeddingsConfig
+from embeddings.regroup import pooled_to_model_input
+from embeddings.sharding import shard_sparse_arch
+from embeddings.tables import build_sparse_arch
 from tests.embeddings.common import make_kjt, small_features
 
 B = 6

@@ -9,8 +9,10 @@ import torch
 import torch.distributed as dist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embeddings import build_sparse_arch, pooled_to_model_input, shard_sparse_arch, sparse_dim
 from embeddings.config import EmbeddingsConfig
+from embeddings.regroup import pooled_to_model_input, sparse_dim
+from embeddings.sharding import shard_sparse_arch
+from embeddings.tables import build_sparse_arch
 from pipeline.config import FeaturesConfig, SparseFeature
 
 RAW = torch.tensor([10**12 + 7, 5, 10**15, 10**12 + 7, 99, 3, 2**62, 41])  # 7 distinct ids, one repeated

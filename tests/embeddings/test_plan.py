@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from config.job import load_config
-from embeddings import build_sparse_arch, feature_order, pooled_to_model_input, shard_sparse_arch, sparse_dim
-from embeddings.sharding import CPU_OPTIMIZERS
-from embeddings.tables import table_specs
+from config import load_config
+from embeddings.regroup import feature_order, pooled_to_model_input, sparse_dim
+from embeddings.sharding import CPU_OPTIMIZERS, shard_sparse_arch
+from embeddings.tables import build_sparse_arch, table_specs
 from tests.embeddings.common import make_kjt
 
 CPU = torch.device("cpu")

@@ -2,7 +2,8 @@
 
 Each rank looks up its half of a 2B-row batch with a per-rank mean loss; the reference looks up all
 2B rows with a mean loss. TorchRec divides embedding gradients by the world size in the all-to-all
-backward, so both sides must produce the same updates (the stack notes' 2 x B vs 1 x 2B check).
+backward, so both sides must produce the same updates (2 ranks x B rows update the tables exactly like
+1 rank x 2B rows).
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from embeddings import build_sparse_arch, pooled_to_model_input, set_sparse_lr, shard_sparse_arch, sparse_dim
 from embeddings.config import EmbeddingsConfig
-from embeddings.sharding import CPU_SHARDING_TYPES
+from embeddings.regroup import pooled_to_model_input, sparse_dim
+from embeddings.sharding import CPU_SHARDING_TYPES, set_sparse_lr, shard_sparse_arch
+from embeddings.tables import build_sparse_arch
 from tests.embeddings.common import local_tables, make_kjt, shard_errors, small_features, unsharded_tables
 
 B = 6  # rows per rank

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
-from config.job import load_config
-from embeddings import build_sparse_arch, feature_order, group_dims, pooled_to_model_input, sparse_dim, table_specs
+from config import load_config
 from embeddings.config import EmbeddingsConfig
+from embeddings.regroup import feature_order, group_dims, pooled_to_model_input, sparse_dim
 from embeddings.sharding import allowed_sharding_types, fused_params, make_constraints
-from embeddings.tables import init_rows_
+from embeddings.tables import build_sparse_arch, init_rows_, table_specs
 from tests.embeddings.common import make_kjt, small_features, unsharded_tables
 
 CPU = torch.device("cpu")

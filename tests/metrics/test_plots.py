@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from config.job import MetricsConfig
+from metrics.config import MetricsConfig
 from metrics.plots import read_metrics, write_plots
 from metrics.tracking import MetricsLogger
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from config.job import MetricsConfig
+from metrics.config import MetricsConfig
 from metrics.tracking import ConsoleSink, MetricsLogger, format_line, resolve_run_id, resolve_wandb_mode
 
 NO_WANDB = MetricsConfig(wandb=False, progress=False)

@@ -21,30 +21,30 @@ def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _reference(ex: PerTokenExperts, x_BtD: torch.Tensor, g_BtE: torch.Tensor) -> torch.Tensor:
+def _reference(ex: PerTokenExperts, x_tBD: torch.Tensor, g_tBE: torch.Tensor) -> torch.Tensor:
     """Explicit loop: sum_j g_j (W2_j GELU(W1_j x + b1_j) + b2_j) per token position."""
-    out = torch.zeros_like(x_BtD)
-    for i in range(x_BtD.shape[1]):
+    out = torch.zeros_like(x_tBD)
+    for i in range(x_tBD.shape[0]):
         for j in range(ex.num_experts):
-            y = F.gelu(x_BtD[:, i] @ ex.w1[i, j] + ex.b1[i, j]) @ ex.w2[i, j] + ex.b2[i, j]
-            out[:, i] += g_BtE[:, i, j : j + 1] * y
+            y = F.gelu(x_tBD[i] @ ex.w1[i, j] + ex.b1[i, j]) @ ex.w2[i, j] + ex.b2[i, j]
+            out[i] += g_tBE[i, :, j : j + 1] * y
     return out
 
 
 def test_dense_experts_equal_weighted_sum_with_positive_gates() -> None:
     ex = PerTokenExperts(list(range(T)), E, D, 2, layer=0, seed=0)
-    x = torch.randn(B, T, D, generator=_gen(1))
-    g = torch.rand(B, T, E, generator=_gen(2)) + 0.1
+    x = torch.randn(T, B, D, generator=_gen(1))
+    g = torch.rand(T, B, E, generator=_gen(2)) + 0.1
     torch.testing.assert_close(ex(x, g), _reference(ex, x, g))
-    # token-major input views give the same result
+    # strided (sample-major storage) views give the same result
     torch.testing.assert_close(ex(x.transpose(0, 1).contiguous().transpose(0, 1), g), _reference(ex, x, g))
 
 
 def test_sparse_forward_equals_dense_restricted_to_nonzero_gates() -> None:
     ex = PerTokenExperts(list(range(T)), E, D, 2, layer=1, seed=3)
-    x = torch.randn(B, T, D, generator=_gen(1))
-    g = F.relu(torch.randn(B, T, E, generator=_gen(2)))
-    g[:, 1, :] = 0.0  # a position with no active expert at all
+    x = torch.randn(T, B, D, generator=_gen(1))
+    g = F.relu(torch.randn(T, B, E, generator=_gen(2)))
+    g[1] = 0.0  # a position with no active expert at all
     assert 0 < (g > 0).float().mean() < 1
     torch.testing.assert_close(ex.forward_sparse(x, g), ex(x, g))
     torch.testing.assert_close(ex.forward_sparse(x, g), _reference(ex, x, g))

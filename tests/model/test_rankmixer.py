@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from config.job import load_config
+from config import load_config
 from model.config import ModelConfig, MoEConfig
 from model.flops import block_params, measured_flops, paper_block_flops, paper_block_params
 from model.moe import moe_layers

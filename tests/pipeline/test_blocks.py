@@ -10,6 +10,7 @@ from pipeline import ids
 from pipeline.config import FeaturesConfig, SparseFeature
 from pipeline.loader import _RING, ParquetLoader
 from pipeline.plan import plan_dataset
+from tests.pipeline import ids_ref
 from tests.pipeline.fixtures import data_config, small_features, write_dataset
 
 
@@ -24,7 +25,7 @@ def test_map_ids_into_equals_map_ids(mode):
     ]
     for x in cases:
         for vocab in (50, 99_991):
-            expect, expect_oor = ids.map_ids_counted(x, vocab, mode)
+            expect, expect_oor = ids_ref.map_ids_counted(x, vocab, mode)
             out = np.full(len(x), -7, np.int64)
             oor = ids.map_ids_into(x, vocab, mode, out)
             assert np.array_equal(out, expect)
@@ -36,7 +37,7 @@ def _check(batch, feats) -> list[int]:
     rid = batch.row_ids[real].numpy()
     assert np.array_equal(batch.labels[real, 0].numpy(), rid % 2)
     assert np.array_equal(batch.dense[real, 0].numpy(), rid.astype(np.float32))
-    assert np.array_equal(batch.sparse.to_dict()["u0"].values().numpy(), ids.map_ids(rid // 3, 50, "hash"))
+    assert np.array_equal(batch.sparse.to_dict()["u0"].values().numpy(), ids_ref.map_ids(rid // 3, 50, "hash"))
     return rid.tolist()
 
 
@@ -83,8 +84,8 @@ def test_interleaved_keys_are_key_major(tmp_path):
             rid = b.row_ids.numpy()[real]
             kjt = b.sparse.to_dict()
             assert list(b.sparse.keys()) == ["u0", "s_item", "i0", "user_id"]
-            assert np.array_equal(kjt["u0"].values().numpy(), ids.map_ids(rid // 3, 50, "hash"))
-            assert np.array_equal(kjt["i0"].values().numpy(), ids.map_ids(rid * 7, 50, "hash"))
-            assert np.array_equal(kjt["user_id"].values().numpy(), ids.map_ids(rid // 3, 50, "hash"))
+            assert np.array_equal(kjt["u0"].values().numpy(), ids_ref.map_ids(rid // 3, 50, "hash"))
+            assert np.array_equal(kjt["i0"].values().numpy(), ids_ref.map_ids(rid * 7, 50, "hash"))
+            assert np.array_equal(kjt["user_id"].values().numpy(), ids_ref.map_ids(rid // 3, 50, "hash"))
             lens = kjt["s_item"].lengths().numpy()
             assert np.array_equal(lens[real], np.minimum(rid % 5, 3)) and (lens[~real] == 0).all()

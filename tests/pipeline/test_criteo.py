@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from config.job import load_config
+from config import load_config
 from pipeline.errors import DataError
 from pipeline.loader import ParquetLoader
 from pipeline.plan import plan_dataset

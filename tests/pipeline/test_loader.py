@@ -173,7 +173,7 @@ def test_resume_in_fresh_process(dataset, tmp_path):
 
 def test_batch_contents(dataset):
     """Labels, dense, user ids and KJT layout match what the fixture wrote for each row id."""
-    from pipeline.ids import map_ids
+    from tests.pipeline.ids_ref import map_ids
 
     _, _, feats, _ = dataset
     for b in make(dataset, shuffle=True):

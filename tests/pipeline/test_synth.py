@@ -7,11 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from config.job import load_config
-from pipeline.ids import map_ids
+from config import load_config
 from pipeline.loader import ParquetLoader
 from pipeline.plan import plan_dataset
 from pipeline.tools.synth import auc, main
+from tests.pipeline.ids_ref import map_ids
 
 ROWS = 40_000
 

@@ -61,7 +61,8 @@ def _fresh_predict(run: Path, data: str, tmp: Path) -> dict[str, dict]:
 
 
 def test_export_round_trip_in_a_fresh_process(run, tiny_data, tmp_path) -> None:
-    from serving.model import from_checkpoint, latest_checkpoint, load_run_config
+    from checkpoint.format import latest_checkpoint
+    from serving.model import from_checkpoint, load_run_config
     from serving.predict import predict_dataset
 
     data = f"{tiny_data}/eval"

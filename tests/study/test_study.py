@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from launch import study as study_cli
-from study import runner as study
 from pipeline.tools.synth import generate
 from study import report
+from study import runner as study
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "study.toml"
@@ -79,7 +79,7 @@ def test_make_run_trees_are_independent(tmp_path: Path) -> None:
 def cfg_of(run: study.Run, tmp_path: Path):
     import tomli_w
 
-    from config.job import load_config
+    from config import load_config
 
     (tmp_path / "c.toml").write_text(tomli_w.dumps(run.tree))
     return load_config(["--config", str(tmp_path / "c.toml")])

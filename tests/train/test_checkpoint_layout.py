@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from train.checkpoint import CheckpointError, complete_checkpoints, read_meta, resolve_resume
+from checkpoint.format import CheckpointError, complete_checkpoints, read_meta
+from train.checkpoint import resolve_resume
 
 
 def _ckpt(root: Path, name: str, meta: bool = True) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from config.job import ConfigError, JobConfig, load_config
+from config import ConfigError, JobConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -23,9 +23,9 @@ def _ep_vs_full(ep_size: int) -> dict[str, float]:
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(3)
-    x_all = torch.randn(world * B, T, D, generator=g)
-    gates_all = torch.relu(torch.randn(world * B, T, E, generator=g))  # about half the gates are zero
-    w_all = torch.randn(world * B, T, D, generator=g)
+    x_all = torch.randn(T, world * B, D, generator=g)  # token-major, like the model
+    gates_all = torch.relu(torch.randn(T, world * B, E, generator=g))  # about half the gates are zero
+    w_all = torch.randn(T, world * B, D, generator=g)
 
     full = _full_experts()
     ref = full(x_all, gates_all)
@@ -36,11 +36,11 @@ def _ep_vs_full(ep_size: int) -> dict[str, float]:
     shard = PerTokenExperts(pos, E, D, KE, layer=0, seed=7)
     wrapped = ExpertParallelExperts(shard, T, ep_size)
     rows = slice(rank * B, (rank + 1) * B)
-    x = x_all[rows].clone().requires_grad_(True)
-    out = wrapped(x, gates_all[rows])
+    x = x_all[:, rows].contiguous().requires_grad_(True)
+    out = wrapped(x, gates_all[:, rows].contiguous())
     # each rank's loss is its share of the global sum: gradients add up across ranks
-    (out * w_all[rows]).sum().backward()
-    errs = {"out": float((out - ref[rows]).abs().max())}
+    (out * w_all[:, rows]).sum().backward()
+    errs = {"out": float((out - ref[:, rows]).abs().max())}
     full_params = dict(full.named_parameters())
     for name, p in shard.named_parameters():
         want = full_params[name].grad[pos[0] : pos[-1] + 1]

@@ -27,14 +27,14 @@ def _concat_kjt(parts: list[dict]):
 def _vs_reference(data: str, out: str, ep: int) -> dict[str, float]:
     from deepspeed.moe.utils import is_moe_param
 
-    from config.job import load_config
-    from embeddings import build_sparse_arch, pooled_to_model_input, sparse_dim
+    from config import load_config
+    from embeddings.regroup import pooled_to_model_input, sparse_dim
+    from embeddings.tables import build_sparse_arch
     from model.moe import moe_layers
     from model.output import task_loss
     from model.zoo import build_model
-    from parallel.dense_engine import build_optimizer, clip_grad_norm_, set_dense_lr
+    from parallel.dense_engine import build_optimizer, set_dense_lr
     from parallel.distributed import init_distributed
-    from train.schedule import lr_factor
     from train.trainer import Trainer
 
     argv = ["--config", CONFIG, "--data.train", f"{data}/train", "--data.eval", f"{data}/eval"]
@@ -67,11 +67,11 @@ def _vs_reference(data: str, out: str, ep: int) -> dict[str, float]:
     ref_loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
 
-    # --- the trainer's step, phase by phase (train_step without the logging)
-    factor = lr_factor(0, tr.total_steps, t.warmup_steps, t.lr_decay, t.min_lr_ratio)
-    set_dense_lr(tr.engine.optimizer, t.lr * factor)
-    out, sparse_BE = tr._forward(batch)
-    loss = task_loss(out.logits_BK, batch.labels, batch.weights)[0] + out.reg_loss
+    # --- the trainer's step (train.step.TrainStep), phase by phase
+    factor = tr.step_fn.set_lr(0)
+    sparse_BE = tr.step_fn.embed(batch)
+    out = tr.step_fn.dense(sparse_BE, batch.dense)
+    loss = tr.step_fn.loss(out, batch)[0]
     tr.engine.backward(loss)
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
@@ -97,8 +97,7 @@ def _vs_reference(data: str, out: str, ep: int) -> dict[str, float]:
     errs["grads"] = grad_err
     errs["expert_params_seen"] = n_expert
 
-    clip_grad_norm_(tr.model, t.grad_clip)
-    tr.engine.step()
+    tr.step_fn.update()
     ref_opt = build_optimizer(ref, cfg)
     set_dense_lr(ref_opt, t.lr * factor)
     torch.nn.utils.clip_grad_norm_(ref.parameters(), t.grad_clip)

@@ -38,25 +38,25 @@ def losses(run_dir: str) -> dict[int, float]:
 
 
 def _crash_and_resume(data: str, out_a: str, out_b: str) -> tuple[dict, dict, dict]:
-    import train.trainer as trainer_mod
     from launch.train import main
+    from train.step import TrainStep
 
     args = ("--training.steps", "8", "--training.checkpoint_every", "4", "--training.eval_batches", "2")
     main(base_args(data, out_a, *args))
-    original = trainer_mod.Trainer.train_step
+    original = TrainStep.__call__
 
-    def crashing(self, batch):  # a crash two steps after the checkpoint at step 4
-        if self.step == 6:
+    def crashing(self, batch, step):  # a crash two steps after the checkpoint at step 4
+        if step == 6:
             raise RuntimeError("simulated crash")
-        return original(self, batch)
+        return original(self, batch, step)
 
-    trainer_mod.Trainer.train_step = crashing
+    TrainStep.__call__ = crashing
     try:
         main(base_args(data, out_b, *args))
     except RuntimeError as e:
         assert "simulated crash" in str(e)
     finally:
-        trainer_mod.Trainer.train_step = original
+        TrainStep.__call__ = original
     summary = main(base_args(data, out_b, *args))
     return losses(out_a), losses(out_b), summary
 

@@ -1,0 +1,36 @@
+"""Typed config section for metrics, tracking and plots (`[metrics]`); no torch import."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from schema import check_one_of, check_range
+
+WANDB_MODES = ("offline", "online", "disabled")
+"""`metrics.wandb_mode` (`metrics.tracking.resolve_wandb_mode` decides on these)."""
+
+
+@dataclass
+class MetricsConfig:
+    """Metrics, tracking and plots."""
+
+    wandb: bool = True
+    """Log to Weights & Biases (rank 0 only; failures warn and never stop training)."""
+    wandb_mode: str = "offline"
+    """'offline', 'online' (default when WANDB_API_KEY is set) or 'disabled'."""
+    wandb_project: str = "rankmixer"
+    """W&B project."""
+    peak_flops: float = 0.0
+    """Peak FLOP/s of one device for MFU; 0 = per-device table on GPU, measured GEMM peak on CPU."""
+    train_auc_window: int = 20
+    """Steps in the windowed train AUC."""
+    plots: bool = True
+    """Write PNG plots into the run directory at the end."""
+    progress: bool = True
+    """Console progress bar on rank 0."""
+
+    def validate(self) -> None:
+        """Mode known, peak and window in range."""
+        check_one_of(self.wandb_mode, WANDB_MODES, "metrics.wandb_mode")
+        check_range(self.peak_flops, "metrics.peak_flops", min=0.0)
+        check_range(self.train_auc_window, "metrics.train_auc_window", min=1)

@@ -1,0 +1,111 @@
+"""One training step of the two-object model, and the loss it owns.
+
+    step = TrainStep(cfg, par, total_steps)
+    metrics = step(batch, step_index)      # lr schedule -> forward -> loss -> backward -> clip -> step -> controller
+
+    batch.sparse --DMP (tables)--> pooled KeyedTensor --regroup by name--> sparse_BE
+    sparse_BE, batch.dense --DeepSpeed engine (dense model)--> logits_BK, reg_loss
+    loss = sum_k BCE_k(logits_BK, labels_BK; weights_B) + reg_loss
+    engine.backward(loss): dense grads reduced, expert grads over the expert-data-parallel group, the
+        embedding grads reach the tables, whose fused optimizer steps inside backward
+    clip by the global norm -> engine.step() -> MoE L1 controller on the activation averaged over ranks
+
+Legend: B batch per rank, E pooled-embedding width, N dense features, K tasks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from config import JobConfig
+from embeddings.regroup import pooled_to_model_input
+from embeddings.sharding import set_sparse_lr
+from model.moe import steer_l1, train_activation
+from model.output import ModelOutput, task_loss
+from parallel.dense_engine import clip_grad_norm_, set_dense_lr
+from parallel.distributed import all_reduce_sum
+from parallel.layout import Parallelized
+from pipeline.batch import Batch
+from train.schedule import lr_factor
+
+
+class TrainStep:
+    """Forward, loss, backward and update of one batch; also the forward used by evaluation.
+
+    Args:
+        cfg: the job config.
+        par: the parallelized model (`parallel.layout.parallelize`).
+        total_steps: steps of the whole run (the learning-rate schedule's length).
+    """
+
+    def __init__(self, cfg: JobConfig, par: Parallelized, total_steps: int) -> None:
+        self.cfg, self.par, self.total_steps = cfg, par, total_steps
+        self.tasks = list(cfg.features.labels)
+        self.has_moe = bool(train_activation(par.model))
+
+    def embed(self, batch: Batch) -> Tensor:
+        """sparse_BE: the batch's pooled embeddings (sharded lookup + input all-to-all), regrouped by name."""
+        kt = self.par.dmp(batch.sparse)
+        if hasattr(kt, "wait"):
+            kt = kt.wait()
+        return pooled_to_model_input(kt, self.cfg.features)
+
+    def dense(self, sparse_BE: Tensor, dense_BN: Tensor) -> ModelOutput:
+        """The dense model through the engine (bf16 autocast when training.dtype = bf16)."""
+        enabled = self.cfg.training.dtype == "bf16"
+        with torch.autocast(self.par.layout.device.type, dtype=torch.bfloat16, enabled=enabled):
+            return self.par.engine(sparse_BE, dense_BN)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        """Scores of one batch already on the device (train or eval mode as set on the modules)."""
+        return self.dense(self.embed(batch), batch.dense)
+
+    @staticmethod
+    def loss(out: ModelOutput, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """(total loss to backpropagate, task loss, per-task losses K): BCE summed over tasks + regularizers."""
+        task, per_task_K = task_loss(out.logits_BK.float(), batch.labels, batch.weights)
+        return task + out.reg_loss, task, per_task_K
+
+    def set_lr(self, step: int) -> float:
+        """Schedule factor of `step` applied to the dense and the sparse learning rates; returns the factor."""
+        t = self.cfg.training
+        factor = lr_factor(step, self.total_steps, t.warmup_steps, t.lr_decay, t.min_lr_ratio)
+        set_dense_lr(self.par.engine.optimizer, t.lr * factor)
+        set_sparse_lr(self.par.dmp, self.cfg.embeddings.lr * factor)
+        return factor
+
+    def update(self) -> float:
+        """After backward: clip by the global norm, step the dense optimizer, steer the MoE controllers.
+        Returns the gradient norm before clipping."""
+        par = self.par
+        grad_norm = clip_grad_norm_(par.model, self.cfg.training.grad_clip)
+        par.engine.step()
+        if self.has_moe:  # lambda must stay identical on every rank: steer it by the activation averaged over ranks
+            world = par.layout.world_size
+            active = all_reduce_sum(train_activation(par.model), par.layout.device)
+            steer_l1(par.model, [a / world for a in active])
+        return grad_norm
+
+    def __call__(self, batch: Batch, step: int) -> tuple[dict[str, Any], ModelOutput]:
+        """Train on `batch` as optimizer step `step` (0-based); returns (metrics of this rank, model output)."""
+        par = self.par
+        factor = self.set_lr(step)
+        par.engine.train()
+        par.dmp.train()
+        out = self.forward(batch)
+        total, task, per_task_K = self.loss(out, batch)
+        par.engine.backward(total)
+        grad_norm = self.update()
+        metrics = {
+            "loss": float(task.detach()),
+            "reg_loss": float(out.reg_loss.detach()),
+            "grad_norm": grad_norm,
+            "lr": self.cfg.training.lr * factor,
+            "sparse_lr": self.cfg.embeddings.lr * factor,
+            **{f"loss/{k}": float(v) for k, v in zip(self.tasks, per_task_K)},
+            **out.stats,
+        }
+        return metrics, out
