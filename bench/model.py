@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from config import load_config
+from metrics.mfu import measure_gemm_flops
 from model.config import ModelConfig, MoEConfig
 from model.ffn import PerTokenFFN
-from model.flops import gemm_peak_flops
 from model.mixing import SelfAttention, TokenMixing
 from model.moe import moe_layers
 from model.output import task_loss
@@ -191,31 +191,31 @@ def bench_dtsi(target: float, steps: int = 1500, batch: int = 256) -> dict[str, 
     w_FH, v_H = torch.randn(E + N, 32, generator=g), torch.randn(32, generator=g)
 
     def data(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        s_BE, d_BN = torch.randn(n, E, generator=g), torch.randn(n, N, generator=g)
-        z_B = torch.tanh(torch.cat([s_BE, d_BN], 1) @ w_FH / 8) @ v_H + 0.5 * s_BE[:, 0] * s_BE[:, 1]
+        s_BI, d_BF = torch.randn(n, E, generator=g), torch.randn(n, N, generator=g)
+        z_B = torch.tanh(torch.cat([s_BI, d_BF], 1) @ w_FH / 8) @ v_H + 0.5 * s_BI[:, 0] * s_BI[:, 1]
         click_B = (torch.rand(n, generator=g) < torch.sigmoid(z_B)).float()
-        return s_BE, d_BN, torch.stack([click_B, (z_B > 0).float()], 1)
+        return s_BI, d_BF, torch.stack([click_B, (z_B > 0).float()], 1)
 
     cfg = ModelConfig(num_tokens=4, d_model=32, num_layers=2, ffn_mult=2, dense_proj_dim=8, tower_hidden=[16])
     moe = MoEConfig(enabled=True, num_experts=8, target_activation=target, l1_init=1e-3, l1_step=1.1)
     model = RankMixer(cfg, moe, sparse_dim=E, num_dense=N, num_tasks=2)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(steps):
-        s_BE, d_BN, y_BK = data(batch)
-        out = model(s_BE, d_BN)
+        s_BI, d_BF, y_BK = data(batch)
+        out = model(s_BI, d_BF)
         opt.zero_grad()
         (task_loss(out.logits_BK, y_BK)[0] + out.reg_loss).backward()
         opt.step()
         for layer in moe_layers(model):
             layer.update_l1()
-    s_BE, d_BN, y_BK = data(8192)
+    s_BI, d_BF, y_BK = data(8192)
     res: dict[str, float] = {"target": target}
     model.eval()
     for router in ("train", "infer"):
         for layer in moe_layers(model):
             layer.eval_router = router
         with torch.no_grad():
-            logits_BK = model(s_BE, d_BN).logits_BK
+            logits_BK = model(s_BI, d_BF).logits_BK
         res[f"{router}_activation"] = float(torch.stack([m.last_active for m in moe_layers(model)]).mean())
         for k in range(2):
             res[f"{router}_auc_{k}"] = _auc(logits_BK[:, k], y_BK[:, k])
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t_start = time.perf_counter()
-    mfu = bench_mfu(args.batch, args.reps, gemm_peak_flops(2048, 5))
+    mfu = bench_mfu(args.batch, args.reps, measure_gemm_flops(torch.device("cpu"), "fp32", sizes=(2048,), repeats=5))
     peak = mfu["peak"]
     k4 = bench_blocks(4, args.batch, args.reps)
     k2 = bench_blocks(2, args.batch, args.reps)

@@ -91,12 +91,12 @@ def bench(arts: dict[str, Path], seconds: float) -> list[dict[str, Any]]:
             num_workers=0,
         )
         batch = next(iter(loader))
-        sparse_BE = models["fp32"].embed(batch.sparse)
+        sparse_BI = models["fp32"].embed(batch.sparse)
         sp, dn = batch.sparse, batch.dense
         calls = {
             "fp32": lambda m=models["fp32"], sp=sp, dn=dn: m(sp, dn),
             "int8": lambda m=models["int8"], sp=sp, dn=dn: m(sp, dn),
-            "program": lambda x=sparse_BE, dn=dn: program(x, dn),
+            "program": lambda x=sparse_BI, dn=dn: program(x, dn),
         }
         for name, fn in calls.items():
             with torch.no_grad():

@@ -75,9 +75,9 @@ def worker(args: argparse.Namespace) -> None:
         batch = next(it).to(tr.device)
         t1 = time.perf_counter()
         step.set_lr(i)
-        sparse_BE = step.embed(batch)
+        sparse_BI = step.embed(batch)
         t2 = time.perf_counter()
-        out = step.dense(sparse_BE, batch.dense)
+        out = step.dense(sparse_BI, batch.dense)
         loss = step.loss(out, batch)[0]
         t3 = time.perf_counter()
         tr.engine.backward(loss)

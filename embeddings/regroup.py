@@ -3,7 +3,7 @@
 The pooled KeyedTensor's key order depends on the sharding plan (table-wise gave f0, f2, f1, f3), so
 nothing here reads it by position: `KeyedTensor.regroup` picks slices by key.
 
-Legend: B batch, E sum of the feature embedding widths (`sparse_dim`).
+Legend: B batch, I pooled-embedding width (sum of the sparse features' widths, `sparse_dim`).
 """
 
 from __future__ import annotations
@@ -34,19 +34,19 @@ def sparse_dim(features: FeaturesConfig) -> int:
 
 
 def group_dims(features: FeaturesConfig) -> list[tuple[str, int]]:
-    """(group, width) per group in `features.groups` order: the column blocks of the B x E input."""
+    """(group, width) per group in `features.groups` order: the column blocks of the B x I input."""
     return [(g, sum(f.dim for f in features.sparse if f.group == g)) for g in features.groups]
 
 
 def pooled_to_model_input(kt: KeyedTensor, features: FeaturesConfig) -> torch.Tensor:
-    """Regroup pooled embeddings by feature name into one B x E tensor in `feature_order`.
+    """Regroup pooled embeddings by feature name into one B x I tensor in `feature_order`.
 
     Args:
         kt: the sparse arch's output (B x dim per feature, any key order; a LazyAwaitable is waited).
         features: the features section.
 
     Returns:
-        x_BE: [feature_order(features)[0] | [1] | ...] concatenated along dim 1.
+        x_BI: [feature_order(features)[0] | [1] | ...] concatenated along dim 1.
 
     Raises:
         KeyError: a configured feature is missing from `kt` (names the feature).

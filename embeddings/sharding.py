@@ -2,7 +2,7 @@
 
     dmp, report = shard_sparse_arch(build_sparse_arch(f, e, device=torch.device("meta")), f, e,
                                     device=runtime.device, world_size=dist.get_world_size())
-    x_BE = pooled_to_model_input(dmp(batch.sparse), f)      # dense model stays OUTSIDE the DMP
+    x_BI = pooled_to_model_input(dmp(batch.sparse), f)      # dense model stays OUTSIDE the DMP
 
 Sharding types, verified on CPU with gloo (2 ranks; tests/embeddings/test_sharded_reference.py):
 pooled outputs and one fused-SGD step matched a single-process EmbeddingBagCollection for
@@ -252,8 +252,8 @@ class ShardingReport:
 
 
 def optimizer_state_bytes(optimizer: str, rows: int, cols: int) -> int:
-    """fp32 bytes of fused optimizer state for one R x D shard (FBGEMM's layout; the CPU optimizers are
-    checked against the live state in tests/embeddings/test_plan.py, adam's 2 x R x D is CUDA-only)."""
+    """fp32 bytes of fused optimizer state for one R x C shard (FBGEMM's layout; the CPU optimizers are
+    checked against the live state in tests/embeddings/test_plan.py, adam's 2 x R x C is CUDA-only)."""
     per = {"rowwise_adagrad": rows, "adagrad": rows * cols, "sgd": 0, "adam": 2 * rows * cols}
     return 4 * per[optimizer]
 

@@ -14,7 +14,7 @@ Notable:
 - Tables named in `embeddings.managed_collision` go through TorchRec's managed-collision module
   (MCH, zero-collision hashing with eviction) in a separate `ManagedCollisionEmbeddingBagCollection`.
 
-Legend: B batch, E sum of embedding widths, K keys (features) of a KJT, R rows, D one table's width.
+Legend: B batch, I pooled-embedding width, S sparse features (KJT keys), R table rows, C one table's width.
 """
 
 from __future__ import annotations
@@ -136,12 +136,12 @@ def _block_seed(seed: int, table: str, block: int) -> int:
 
 @torch.no_grad()
 def init_rows_(
-    weight_RD: torch.Tensor, table: str, num_embeddings: int, row0: int, col0: int, dim: int, seed: int
+    weight_RC: torch.Tensor, table: str, num_embeddings: int, row0: int, col0: int, dim: int, seed: int
 ) -> None:
     """Fill one shard of a table in place, plan-independently.
 
     Args:
-        weight_RD: the local shard, R x D_shard (any float dtype / device).
+        weight_RC: the local shard, R x C_shard (any float dtype / device).
         table: table name; num_embeddings / dim: full table shape.
         row0, col0: global offsets of the shard (row-wise / column-wise sharding).
         seed: init seed.
@@ -149,7 +149,7 @@ def init_rows_(
     Values are U(-sqrt(1/num_embeddings), +sqrt(1/num_embeddings)) like TorchRec's default, drawn per
     block of `INIT_BLOCK_ROWS` full-width rows, so any shard of the same table gets the same numbers.
     """
-    rows, cols = weight_RD.shape
+    rows, cols = weight_RC.shape
     if rows == 0 or cols == 0:
         return
     bound = math.sqrt(1.0 / num_embeddings)
@@ -160,7 +160,7 @@ def init_rows_(
         gen = torch.Generator().manual_seed(_block_seed(seed, table, b))
         block = torch.rand(b_rows, dim, generator=gen, dtype=torch.float32) * (2 * bound) - bound
         lo, hi = max(row0, b_start), min(row0 + rows, b_start + b_rows)
-        weight_RD[lo - row0 : hi - row0].copy_(block[lo - b_start : hi - b_start, col0 : col0 + cols])
+        weight_RC[lo - row0 : hi - row0].copy_(block[lo - b_start : hi - b_start, col0 : col0 + cols])
 
 
 class SparseArch(nn.Module):
@@ -284,7 +284,7 @@ def build_sparse_arch(
 
     Example:
         arch = build_sparse_arch(cfg.features, cfg.embeddings, device=torch.device("cpu"))
-        x_BE = pooled_to_model_input(arch(batch.sparse), cfg.features)
+        x_BI = pooled_to_model_input(arch(batch.sparse), cfg.features)
     """
     if not features.sparse:
         raise ValueError("features.sparse is empty: the sparse arch needs at least one feature")

@@ -6,7 +6,17 @@
 # matches the lock file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Needs: Python >= 3.11 (PYTHON=... picks the interpreter, default python3) and a C compiler (cc / gcc:
+# DeepSpeed's CPU comm op and the pipeline's compiled pass are built here).
 PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+  echo "install: $PY is $("$PY" --version 2>&1 || echo missing); Python >= 3.11 is needed (set PYTHON=/path/to/python3.11)" >&2
+  exit 2
+fi
+if ! command -v "${CC:-cc}" >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then
+  echo "install: no C compiler (cc or gcc) found; install one (e.g. apt-get install gcc) and rerun make install" >&2
+  exit 2
+fi
 VENV=.venv
 LOCK=requirements.lock
 STAMP=$VENV/.installed

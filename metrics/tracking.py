@@ -27,20 +27,12 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, TextIO
 
 from metrics.config import WANDB_MODES, MetricsConfig
 from metrics.plots import heatmap_rgb
 
 RUN_ID_FILE = "wandb_run_id"
-
-
-class Sink(Protocol):
-    """What `MetricsLogger` fans out to."""
-
-    def log(self, metrics: dict[str, Any], step: int) -> None: ...
-
-    def close(self) -> None: ...
 
 
 def to_python(value: Any) -> Any:

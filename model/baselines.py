@@ -1,12 +1,12 @@
 """The baselines RankMixer is measured against: DLRM-MLP and DCNv2, behind the zoo's interface.
 
 Both see exactly the inputs RankMixer sees: the pooled embeddings concatenated in semantic-group order
-(`sparse_BE`) and the raw dense features projected by one `Linear(N -> model.dense_proj_dim)`, the two
-joined into one vector `x0_BI` of width I = E + dense_proj_dim (no dense projection when N = 0).
+(`sparse_BI`) and the raw dense features projected by one `Linear(N -> model.dense_proj_dim)`, the two
+joined into one vector `x0_BZ` of width I = E + dense_proj_dim (no dense projection when N = 0).
 
-    DLRMMLP: x0_BI -> MLP (model.mlp_hidden, ReLU) -> one tower per task -> logits_BK
-    DCNv2:   x0_BI -> cross network (model.cross_layers full-rank layers) -> MLP -> towers   ("stacked")
-             x0_BI -> [cross network || MLP] -> concat -> towers                          ("parallel")
+    DLRMMLP: x0_BZ -> MLP (model.mlp_hidden, ReLU) -> one tower per task -> logits_BK
+    DCNv2:   x0_BZ -> cross network (model.cross_layers full-rank layers) -> MLP -> towers   ("stacked")
+             x0_BZ -> [cross network || MLP] -> concat -> towers                          ("parallel")
 
 DCNv2 (Wang et al. 2021, "DCN V2") cross layer: `x_{l+1} = x0 * (W_l x_l + b_l) + x_l`, W_l full rank
 I x I. We default to the **stacked** structure (cross network feeding the deep network); the parallel
@@ -19,8 +19,8 @@ counted (they are O(width), the GEMMs O(width^2)). Training = 3 x forward.
 Initialisation is deterministic in `seed` and draws from a local `torch.Generator` only: building a
 model does not touch the global RNG.
 
-Legend: B batch, E pooled-embedding width, N dense features, P dense projection width,
-I interaction input width (E + P), H hidden width, K tasks.
+Legend: B batch, I pooled-embedding width, F dense features, Z model input width (I + model.dense_proj_dim),
+M hidden width, K tasks.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def _check_widths(widths: list[int], key: str) -> None:
 class _BaselineBase(nn.Module):
     """Shared parts: dense projection, input concatenation, per-task towers, the zoo interface.
 
-    Subclasses set `self.body` (an nn.Module mapping x0_BI to h_BH) and then call `_build_towers`, drawing
+    Subclasses set `self.body` (an nn.Module mapping x0_BZ to h_BM) and then call `_build_towers`, drawing
     their initialisation from the same generator `gen`, in construction order.
     """
 
@@ -118,43 +118,43 @@ class _BaselineBase(nn.Module):
             _mlp(in_dim, [*tower_hidden, 1], gen, final_activation=False) for _ in range(self.num_tasks)
         )
 
-    def _inputs(self, sparse_BE: torch.Tensor, dense_BN: torch.Tensor) -> torch.Tensor:
+    def _inputs(self, sparse_BI: torch.Tensor, dense_BF: torch.Tensor) -> torch.Tensor:
         """Concatenate the pooled embeddings and the projected dense features.
 
         Args:
-            sparse_BE: B x E pooled embeddings in semantic-group order.
-            dense_BN: B x N raw dense features.
+            sparse_BI: B x I pooled embeddings in semantic-group order.
+            dense_BF: B x F raw dense features.
 
         Returns:
-            x0_BI: B x I with I = E + P.
+            x0_BZ: B x I with I = E + P.
         """
         name = type(self).__name__
-        if sparse_BE.dim() != 2 or sparse_BE.shape[1] != self.sparse_dim:
+        if sparse_BI.dim() != 2 or sparse_BI.shape[1] != self.sparse_dim:
             raise ValueError(
-                f"model/baselines.py: {name} expects sparse_BE of shape B x {self.sparse_dim}, "
-                f"got {tuple(sparse_BE.shape)}"
+                f"model/baselines.py: {name} expects sparse_BI of shape B x {self.sparse_dim}, "
+                f"got {tuple(sparse_BI.shape)}"
             )
-        if dense_BN.dim() != 2 or dense_BN.shape[1] != self.num_dense or dense_BN.shape[0] != sparse_BE.shape[0]:
+        if dense_BF.dim() != 2 or dense_BF.shape[1] != self.num_dense or dense_BF.shape[0] != sparse_BI.shape[0]:
             raise ValueError(
-                f"model/baselines.py: {name} expects dense_BN of shape {sparse_BE.shape[0]} x {self.num_dense}, "
-                f"got {tuple(dense_BN.shape)}"
+                f"model/baselines.py: {name} expects dense_BF of shape {sparse_BI.shape[0]} x {self.num_dense}, "
+                f"got {tuple(dense_BF.shape)}"
             )
         if self.dense_proj is None:
-            return sparse_BE
-        return torch.cat([sparse_BE, self.dense_proj(dense_BN.to(sparse_BE.dtype))], dim=1)
+            return sparse_BI
+        return torch.cat([sparse_BI, self.dense_proj(dense_BF.to(sparse_BI.dtype))], dim=1)
 
-    def forward(self, sparse_BE: torch.Tensor, dense_BN: torch.Tensor) -> ModelOutput:
+    def forward(self, sparse_BI: torch.Tensor, dense_BF: torch.Tensor) -> ModelOutput:
         """Score a batch.
 
         Args:
-            sparse_BE: B x E pooled embeddings concatenated in semantic-group order.
-            dense_BN: B x N raw dense features.
+            sparse_BI: B x I pooled embeddings concatenated in semantic-group order.
+            dense_BF: B x F raw dense features.
 
         Returns:
             ModelOutput with logits_BK (B x K), reg_loss = 0 (scalar), stats = {}.
         """
-        h_BH = self.body(self._inputs(sparse_BE, dense_BN))
-        logits_BK = torch.cat([tower(h_BH) for tower in self.towers], dim=1)
+        h_BM = self.body(self._inputs(sparse_BI, dense_BF))
+        logits_BK = torch.cat([tower(h_BM) for tower in self.towers], dim=1)
         return ModelOutput(logits_BK=logits_BK, reg_loss=logits_BK.new_zeros(()), stats={})
 
     def flops_per_sample(self, training: bool = False) -> float:
@@ -207,9 +207,9 @@ class CrossLayer(nn.Module):
         super().__init__()
         self.linear = _linear(width, width, gen)
 
-    def forward(self, x0_BI: torch.Tensor, xl_BI: torch.Tensor) -> torch.Tensor:
-        """Args: x0_BI, xl_BI: B x I. Returns x_{l+1}: B x I."""
-        return x0_BI * self.linear(xl_BI) + xl_BI
+    def forward(self, x0_BZ: torch.Tensor, xl_BZ: torch.Tensor) -> torch.Tensor:
+        """Args: x0_BZ, xl_BZ: B x I. Returns x_{l+1}: B x I."""
+        return x0_BZ * self.linear(xl_BZ) + xl_BZ
 
 
 class DCNv2Body(nn.Module):
@@ -231,18 +231,18 @@ class DCNv2Body(nn.Module):
         deep_out = mlp_hidden[-1] if mlp_hidden else width
         self.out_dim = deep_out if structure == "stacked" else width + deep_out
 
-    def cross_network(self, x0_BI: torch.Tensor) -> torch.Tensor:
-        """Apply the cross layers in order. Args: x0_BI: B x I. Returns x_L: B x I."""
-        xl_BI = x0_BI
+    def cross_network(self, x0_BZ: torch.Tensor) -> torch.Tensor:
+        """Apply the cross layers in order. Args: x0_BZ: B x I. Returns x_L: B x I."""
+        xl_BZ = x0_BZ
         for layer in self.cross:
-            xl_BI = layer(x0_BI, xl_BI)
-        return xl_BI
+            xl_BZ = layer(x0_BZ, xl_BZ)
+        return xl_BZ
 
-    def forward(self, x0_BI: torch.Tensor) -> torch.Tensor:
-        """Args: x0_BI: B x I. Returns h_BH: B x out_dim."""
+    def forward(self, x0_BZ: torch.Tensor) -> torch.Tensor:
+        """Args: x0_BZ: B x I. Returns h_BM: B x out_dim."""
         if self.structure == "stacked":
-            return self.mlp(self.cross_network(x0_BI))
-        return torch.cat([self.cross_network(x0_BI), self.mlp(x0_BI)], dim=1)
+            return self.mlp(self.cross_network(x0_BZ))
+        return torch.cat([self.cross_network(x0_BZ), self.mlp(x0_BZ)], dim=1)
 
 
 class DCNv2(_BaselineBase):

@@ -6,7 +6,7 @@ fused) on token-major activations: weights are stored T x in x out and activatio
 no transposed copy is made anywhere in the forward or backward pass. Parameters grow T-fold against a
 shared FFN; FLOPs stay the same.
 
-Legend: B batch, T tokens, D width, H = k D hidden width.
+Legend: B batch, T tokens, D width, M = k D hidden width.
 """
 
 from __future__ import annotations
@@ -35,17 +35,17 @@ class PerTokenFFN(nn.Module):
 
     def __init__(self, num_tokens: int, d_model: int, mult: int, gen: torch.Generator) -> None:
         super().__init__()
-        T, D, H = num_tokens, d_model, mult * d_model
+        T, D, M = num_tokens, d_model, mult * d_model
         self.num_tokens, self.d_model, self.mult = T, D, mult
-        self.w1 = uniform_param((T, D, H), D, gen)  # T x D x H (in x out, token-major)
-        self.b1 = uniform_param((T, 1, H), D, gen)
-        self.w2 = uniform_param((T, H, D), H, gen)
-        self.b2 = uniform_param((T, 1, D), H, gen)
+        self.w1 = uniform_param((T, D, M), D, gen)  # T x D x M (in x out, token-major)
+        self.b1 = uniform_param((T, 1, M), D, gen)
+        self.w2 = uniform_param((T, M, D), M, gen)
+        self.b2 = uniform_param((T, 1, D), M, gen)
 
     def forward(self, s_TBD: Tensor) -> Tensor:
         """s_TBD: T x B x D -> v_TBD: T x B x D."""
-        h_TBH = F.gelu(torch.baddbmm(self.b1, s_TBD, self.w1))
-        return torch.baddbmm(self.b2, h_TBH, self.w2)
+        h_TBM = F.gelu(torch.baddbmm(self.b1, s_TBD, self.w1))
+        return torch.baddbmm(self.b2, h_TBM, self.w2)
 
     def flops_per_sample(self) -> float:
         """4 k T D^2 (two GEMMs, multiply-add = 2)."""
@@ -64,18 +64,18 @@ class SharedFFN(nn.Module):
 
     def __init__(self, num_tokens: int, d_model: int, mult: int, gen: torch.Generator) -> None:
         super().__init__()
-        D, H = d_model, mult * d_model
+        D, M = d_model, mult * d_model
         self.num_tokens, self.d_model, self.mult = num_tokens, D, mult
-        self.w1 = uniform_param((D, H), D, gen)
-        self.b1 = uniform_param((H,), D, gen)
-        self.w2 = uniform_param((H, D), H, gen)
-        self.b2 = uniform_param((D,), H, gen)
+        self.w1 = uniform_param((D, M), D, gen)
+        self.b1 = uniform_param((M,), D, gen)
+        self.w2 = uniform_param((M, D), M, gen)
+        self.b2 = uniform_param((D,), M, gen)
 
     def forward(self, s_TBD: Tensor) -> Tensor:
         """s_TBD: T x B x D -> v_TBD: T x B x D (one GEMM over all T x B rows per layer)."""
         T, B, D = s_TBD.shape
-        h_NH = F.gelu(torch.addmm(self.b1, s_TBD.reshape(T * B, D), self.w1))
-        return torch.addmm(self.b2, h_NH, self.w2).view(T, B, D)
+        h_NM = F.gelu(torch.addmm(self.b1, s_TBD.reshape(T * B, D), self.w1))
+        return torch.addmm(self.b2, h_NM, self.w2).view(T, B, D)
 
     def flops_per_sample(self) -> float:
         """4 k T D^2, the same as the per-token FFN."""

@@ -31,7 +31,7 @@ inference router's activation over all rows. In eval, h_infer routes (`eval_rout
 the dense-training model with h_train instead, for the DTSI comparison).
 
 Legend: B batch, T tokens (all positions), t owned positions, D width, E experts per token,
-H = k_e D expert hidden width, X = E * H.
+M = k_e D expert hidden width, X = E x M.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def expert_seed(seed: int, layer: int, position: int, expert: int) -> int:
 
 
 class PerTokenExperts(nn.Module):
-    """The experts of the token positions `positions`: w1 t x E x D x H, b1 t x E x H, w2 t x E x H x D, b2 t x E x D.
+    """The experts of the token positions `positions`: w1 t x E x D x M, b1 t x E x M, w2 t x E x M x D, b2 t x E x D.
 
     Each (layer, position, expert) is initialised from its own generator seeded by
     `expert_seed(seed, layer, position, expert)`, so a shard built for positions [2, 3] is bit-identical
@@ -63,7 +63,7 @@ class PerTokenExperts(nn.Module):
         positions: the global token positions these experts belong to (t = len(positions)).
         num_experts: E.
         d_model: D.
-        expert_mult: k_e (H = k_e D).
+        expert_mult: k_e (M = k_e D).
         layer: block index (part of the init seed).
         seed: model seed.
     """
@@ -80,13 +80,13 @@ class PerTokenExperts(nn.Module):
         self.positions = list(positions)
         self.num_experts, self.d_model, self.expert_mult = num_experts, d_model, expert_mult
         self.layer, self.seed = layer, seed
-        t, E, D, H = len(positions), num_experts, d_model, expert_mult * d_model
-        w1, b1 = torch.empty(t, E, D, H), torch.empty(t, E, H)
-        w2, b2 = torch.empty(t, E, H, D), torch.empty(t, E, D)
+        t, E, D, M = len(positions), num_experts, d_model, expert_mult * d_model
+        w1, b1 = torch.empty(t, E, D, M), torch.empty(t, E, M)
+        w2, b2 = torch.empty(t, E, M, D), torch.empty(t, E, D)
         for i, pos in enumerate(self.positions):
             for j in range(E):
                 gen = torch.Generator().manual_seed(expert_seed(seed, layer, pos, j))
-                for p, fan_in in ((w1, D), (b1, D), (w2, H), (b2, H)):
+                for p, fan_in in ((w1, D), (b1, D), (w2, M), (b2, M)):
                     p[i, j].uniform_(-(fan_in**-0.5), fan_in**-0.5, generator=gen)
         self.w1, self.b1, self.w2, self.b2 = (nn.Parameter(p) for p in (w1, b1, w2, b2))
 
@@ -102,12 +102,12 @@ class PerTokenExperts(nn.Module):
         """
         g_tBE = gates_tBE.to(x_tBD.dtype)
         t, B, D = x_tBD.shape
-        E, H = self.num_experts, self.expert_mult * D
-        w1_tDX = self.w1.permute(0, 2, 1, 3).reshape(t, D, E * H)  # small weight copy, big GEMM
-        h_tBX = F.gelu(torch.baddbmm(self.b1.view(t, 1, E * H), x_tBD, w1_tDX))
-        hg_tBX = (h_tBX.view(t, B, E, H) * g_tBE.unsqueeze(-1)).view(t, B, E * H)
+        E, M = self.num_experts, self.expert_mult * D
+        w1_tDX = self.w1.permute(0, 2, 1, 3).reshape(t, D, E * M)  # small weight copy, big GEMM
+        h_tBX = F.gelu(torch.baddbmm(self.b1.view(t, 1, E * M), x_tBD, w1_tDX))
+        hg_tBX = (h_tBX.view(t, B, E, M) * g_tBE.unsqueeze(-1)).view(t, B, E * M)
         bias_tBD = torch.bmm(g_tBE, self.b2)  # sum_j g_j b2_j
-        return torch.baddbmm(bias_tBD, hg_tBX, self.w2.view(t, E * H, D))
+        return torch.baddbmm(bias_tBD, hg_tBX, self.w2.view(t, E * M, D))
 
     def forward_sparse(self, x_tBD: Tensor, gates_tBE: Tensor) -> Tensor:
         """Same result as `forward`, computing only the (token, sample, expert) triples with a non-zero gate.
@@ -283,8 +283,8 @@ class PerTokenMoE(nn.Module):
 
     def expert_params_global(self) -> int:
         """Parameters of the experts of all T positions (whatever shard `self.experts` holds)."""
-        D, E, H = self.d_model, self.cfg.num_experts, self.cfg.expert_mult * self.d_model
-        return self.num_tokens * E * (2 * D * H + H + D)
+        D, E, M = self.d_model, self.cfg.num_experts, self.cfg.expert_mult * self.d_model
+        return self.num_tokens * E * (2 * D * M + M + D)
 
 
 def moe_layers(model: nn.Module) -> list[PerTokenMoE]:

@@ -1,6 +1,6 @@
 """RankMixer (Zhu et al., arXiv 2507.15551) and its ablations, in one readable file.
 
-    sparse_BE, dense_BN -> Tokenizer -> x (T tokens of width D)
+    sparse_BI, dense_BF -> Tokenizer -> x (T tokens of width D)
       -> L x Block:  S  = LN(Mix(X) + X)          Mix: token mixing | article mixing | identity | attention
                      X' = LN(FFN(S) + S)          FFN: per-token FFN | shared FFN | per-token sparse MoE
       -> mean over tokens -> one MLP tower per task -> logits_BK
@@ -13,7 +13,7 @@ Notable:
   so every rank builds identical weights whatever the expert-parallel size.
 - FLOPs are analytic (multiply-add = 2, matmuls only) and match torch's FlopCounterMode.
 
-Legend: B batch, E pooled-embedding width, N dense features, T tokens, D width, K tasks, L layers.
+Legend: B batch, I pooled-embedding width, F dense features, T tokens, D width, K tasks, L layers.
 """
 
 from __future__ import annotations
@@ -165,18 +165,18 @@ class RankMixer(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.towers = Towers(D, list(model.tower_hidden), num_tasks, gen)
 
-    def forward(self, sparse_BE: Tensor, dense_BN: Tensor) -> ModelOutput:
+    def forward(self, sparse_BI: Tensor, dense_BF: Tensor) -> ModelOutput:
         """Score a batch.
 
         Args:
-            sparse_BE: B x E pooled embeddings in semantic-group order.
-            dense_BN: B x N raw dense features.
+            sparse_BI: B x I pooled embeddings in semantic-group order.
+            dense_BF: B x F raw dense features.
 
         Returns:
             ModelOutput: logits_BK (B x K); reg_loss (scalar: MoE L1 + load balance, 0 without MoE);
             stats (with MoE: "moe/active_LT" L x T, "moe/l1_lambda" L, "moe/dead_experts" scalar).
         """
-        x_TBD = self.tokenizer.forward_TBD(sparse_BE, dense_BN)
+        x_TBD = self.tokenizer.forward_TBD(sparse_BI, dense_BF)
         reg = x_TBD.new_zeros(())
         active, dead = [], []
         for block in self.blocks:

@@ -1,8 +1,8 @@
 """Tokenization: the grouped embedding vector of a sample -> T tokens of width D.
 
-    sparse_BE (pooled embeddings, group order) --+
-                                                 +-- cat -> e_BF -> zero-pad to T*d -> T slices of width d
-    dense_BN -> Linear(N -> dense_proj_dim) -----+                     slice t -> Proj_t -> x_t (width D)
+    sparse_BI (pooled embeddings, group order) --+
+                                                 +-- cat -> e_BZ -> zero-pad to T*d -> T slices of width d
+    dense_BF -> Linear(N -> dense_proj_dim) -----+                     slice t -> Proj_t -> x_t (width D)
 
 The dense features join as a final 'dense' group. Projections are per token by default (one batched
 matmul over the token axis), one shared projection as an option; an optional learnable token position
@@ -12,7 +12,8 @@ and `forward_TBD` the token-major tensor itself.
 
 Initialisation draws from a local `torch.Generator` only (see `model.init`).
 
-Legend: B batch, E pooled-embedding width, N dense features, F = E + dense width, T tokens, d slice width,
+Legend: B batch, I pooled-embedding width, F dense features, Z = I + dense projection width, T tokens,
+d = ceil(Z / T) slice width, D token width.
 D token width.
 """
 
@@ -28,7 +29,7 @@ from model.init import uniform_param
 
 
 class Tokenizer(nn.Module):
-    """sparse_BE (B x E) + dense_BN (B x N) -> x_BTD (B x T x D).
+    """sparse_BI (B x I) + dense_BF (B x F) -> x_BTD (B x T x D).
 
     Args:
         sparse_dim: E, width of the pooled embeddings concatenated in semantic-group order.
@@ -67,32 +68,32 @@ class Tokenizer(nn.Module):
         self.proj_b = uniform_param((n_proj, 1, D), d, gen)
         self.pos_TD = nn.Parameter(torch.zeros(T, D)) if cfg.token_pos_emb else None
 
-    def forward_TBD(self, sparse_BE: Tensor, dense_BN: Tensor) -> Tensor:
+    def forward_TBD(self, sparse_BI: Tensor, dense_BF: Tensor) -> Tensor:
         """Tokens in token-major storage.
 
         Args:
-            sparse_BE: B x E pooled embeddings in semantic-group order.
-            dense_BN: B x N raw dense features.
+            sparse_BI: B x I pooled embeddings in semantic-group order.
+            dense_BF: B x F raw dense features.
 
         Returns:
             x_TBD: T x B x D (contiguous).
         """
-        if sparse_BE.dim() != 2 or sparse_BE.shape[1] != self.sparse_dim:
+        if sparse_BI.dim() != 2 or sparse_BI.shape[1] != self.sparse_dim:
             raise ValueError(
-                f"model/tokenizer.py: expected sparse_BE of shape B x {self.sparse_dim}, got {tuple(sparse_BE.shape)}"
+                f"model/tokenizer.py: expected sparse_BI of shape B x {self.sparse_dim}, got {tuple(sparse_BI.shape)}"
             )
-        if dense_BN.dim() != 2 or dense_BN.shape[1] != self.num_dense or dense_BN.shape[0] != sparse_BE.shape[0]:
+        if dense_BF.dim() != 2 or dense_BF.shape[1] != self.num_dense or dense_BF.shape[0] != sparse_BI.shape[0]:
             raise ValueError(
-                f"model/tokenizer.py: expected dense_BN of shape {sparse_BE.shape[0]} x {self.num_dense}, "
-                f"got {tuple(dense_BN.shape)}"
+                f"model/tokenizer.py: expected dense_BF of shape {sparse_BI.shape[0]} x {self.num_dense}, "
+                f"got {tuple(dense_BF.shape)}"
             )
-        B, T, d = sparse_BE.shape[0], self.num_tokens, self.slice_width
-        parts = [sparse_BE]
+        B, T, d = sparse_BI.shape[0], self.num_tokens, self.slice_width
+        parts = [sparse_BI]
         if self.num_dense > 0:
-            parts.append(torch.addmm(self.dense_b, dense_BN.to(sparse_BE.dtype), self.dense_w))
+            parts.append(torch.addmm(self.dense_b, dense_BF.to(sparse_BI.dtype), self.dense_w))
         pad = T * d - self.in_width
         if pad:
-            parts.append(sparse_BE.new_zeros(B, pad))
+            parts.append(sparse_BI.new_zeros(B, pad))
         e_TBd = torch.cat(parts, dim=1).view(B, T, d).transpose(0, 1)
         if self.shared:
             x_TBD = torch.addmm(self.proj_b[0], e_TBd.reshape(T * B, d), self.proj_w[0]).view(T, B, -1)
@@ -102,9 +103,9 @@ class Tokenizer(nn.Module):
             x_TBD = x_TBD + self.pos_TD.unsqueeze(1)
         return x_TBD
 
-    def forward(self, sparse_BE: Tensor, dense_BN: Tensor) -> Tensor:
-        """Args: sparse_BE: B x E, dense_BN: B x N. Returns x_BTD: B x T x D (a view of token-major storage)."""
-        return self.forward_TBD(sparse_BE, dense_BN).transpose(0, 1)
+    def forward(self, sparse_BI: Tensor, dense_BF: Tensor) -> Tensor:
+        """Args: sparse_BI: B x I, dense_BF: B x F. Returns x_BTD: B x T x D (a view of token-major storage)."""
+        return self.forward_TBD(sparse_BI, dense_BF).transpose(0, 1)
 
     def flops_per_sample(self) -> float:
         """Forward matmul FLOPs per sample (multiply-add = 2)."""

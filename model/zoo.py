@@ -1,7 +1,7 @@
 """The model zoo: the one dict of model names and `build_model`.
 
     model = build_model(cfg.model, cfg.moe, sparse_dim=400, num_dense=8, num_tasks=2, seed=0)
-    out = model(sparse_BE, dense_BN)          # ModelOutput(logits_BK, reg_loss, stats)
+    out = model(sparse_BI, dense_BF)          # ModelOutput(logits_BK, reg_loss, stats)
     model.flops_per_sample(training=True)     # analytic FLOPs per sample (multiply-add = 2)
     model.num_params()                        # dense-model parameters, experts counted globally
 
@@ -9,7 +9,7 @@ Every builder takes (model, moe, *, sparse_dim, num_dense, num_tasks, seed) and 
 generators seeded by `seed` (the global RNG is never drawn from), so every rank builds identical
 weights, and expert weights do not depend on the expert-parallel size.
 
-Legend: B batch, E pooled-embedding width, N dense features, K tasks.
+Legend: B batch, I pooled-embedding width, F dense features, K tasks.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def build_model(
         seed: initialisation seed (same weights for the same seed, on every rank).
 
     Returns:
-        An nn.Module: forward(sparse_BE, dense_BN) -> ModelOutput, flops_per_sample(training), num_params().
+        An nn.Module: forward(sparse_BI, dense_BF) -> ModelOutput, flops_per_sample(training), num_params().
     """
     if model.name not in MODELS:
         raise ValueError(f"model/zoo.py: config key model.name = {model.name!r}; expected one of: {', '.join(MODELS)}")

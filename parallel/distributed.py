@@ -16,7 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from parallel.env import Runtime, detect_runtime
+from parallel.env import Runtime, deepspeed_stdout, detect_runtime
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     if "MASTER_ADDR" not in os.environ:  # plain `python -m launch.train`: one process, no torchrun
         for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):
             os.environ.setdefault(k, v)
+    if "LOCAL_SIZE" in os.environ:  # the `deepspeed` launcher names it LOCAL_SIZE; TorchRec reads LOCAL_WORLD_SIZE
+        os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["LOCAL_SIZE"])
     runtime = detect_runtime()
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -63,7 +65,8 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
             dist.init_process_group(runtime.backend, rank=rank, world_size=world, timeout=timeout)
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=runtime.backend)
+    with deepspeed_stdout():
+        deepspeed.init_distributed(dist_backend=runtime.backend)
     return DistInfo(rank, world, runtime.local_rank, runtime, restarts, owns_group)
 
 

@@ -3,11 +3,19 @@ environment every entry point needs. Call `setup_env()` before importing deepspe
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import re
 import shutil
 import subprocess
+import sys
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 REPO = Path(__file__).resolve().parent.parent
 TORCH_EXTENSIONS_DIR = REPO / ".build" / "torch_extensions"
@@ -70,15 +78,45 @@ def gpu_name() -> str:
 
 
 def quiet_third_party() -> None:
-    """Keep the console to our own lines: TorchRec's planner advice, torch.distributed deprecation
-    notices and DeepSpeed's info chatter go to the log level ERROR / are filtered. Real errors still show."""
-    import logging
-    import warnings
-
-    for name in ("torchrec", "DeepSpeed", "deepspeed", "torch.distributed", "fbgemm_gpu"):
+    """The one place third-party noise is silenced, so the console holds our own lines: TorchRec's
+    planner advice, torch.distributed deprecations triggered inside TorchRec / DeepSpeed, DeepSpeed's
+    info chatter, and torch.fx's once-per-process `is_fx_tracing` notice (TorchRec calls it) go to
+    log level ERROR or are filtered. Real errors still show. (DeepSpeed's print at process-group
+    start-up is dropped by `deepspeed_stdout` around that one call.)"""
+    for name in ("torchrec", "DeepSpeed", "deepspeed", "torch.distributed", "fbgemm_gpu", "torch.fx._symbolic_trace"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torchrec.*")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torchrec.*")
-    warnings.filterwarnings("ignore", message=r".*is_fx_tracing.*")
     warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated.*")
+
+
+class _DropLines(io.TextIOBase):
+    """A stdout that drops lines matching `pattern` and passes every other line through."""
+
+    def __init__(self, target: TextIO, pattern: str) -> None:
+        self.target, self.pattern, self.buffer_ = target, re.compile(pattern), ""
+
+    def write(self, text: str) -> int:
+        self.buffer_ += text
+        *lines, self.buffer_ = self.buffer_.split("\n")
+        for line in lines:
+            if not self.pattern.search(line):
+                self.target.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self.buffer_ and not self.pattern.search(self.buffer_):
+            self.target.write(self.buffer_)
+        self.buffer_ = ""
+        self.target.flush()
+
+
+@contextlib.contextmanager
+def deepspeed_stdout() -> Iterator[None]:
+    """Around `deepspeed.init_distributed`: drop its "... shm_comm_op built successfully" print, which it
+    makes on every rank when it merely loads the op `make install` pre-built."""
+    stream = _DropLines(sys.stdout, r"^DeepSpeed \S+ built successfully$")
+    with contextlib.redirect_stdout(stream):
+        yield
+    stream.flush()

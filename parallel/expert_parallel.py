@@ -9,7 +9,7 @@ positions (and their gates) to rank p, which runs its experts over P x B rows, a
 sends the outputs back. No token is dropped and routing is exactly the model's.
 
 Legend: B local batch, T tokens, t = T / P owned tokens, D width, E experts per token, P ep size,
-R = P x B rows an owner runs per position.
+N = P x B rows an owner runs per position.
 
 The wrapper subclasses DeepSpeed's `MoE` only so that the engine recognises expert parameters: it
 marks them `allreduce = False` with `group_name = "ep_size_<P>"`, so DeepSpeed all-reduces their
@@ -51,24 +51,24 @@ class _AllToAll(torch.autograd.Function):
     Written on `dist.all_to_all_single` (torch.distributed.nn.functional's version is deprecated)."""
 
     @staticmethod
-    def forward(ctx: Any, x_PX: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x_P: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
         ctx.group = group
-        x_PX = x_PX.contiguous()
-        out = torch.empty_like(x_PX)
-        dist.all_to_all_single(out, x_PX, group=group)
+        x_P = x_P.contiguous()
+        out = torch.empty_like(x_P)
+        dist.all_to_all_single(out, x_P, group=group)
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad_PX: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        grad_PX = grad_PX.contiguous()
-        out = torch.empty_like(grad_PX)
-        dist.all_to_all_single(out, grad_PX, group=ctx.group)
+    def backward(ctx: Any, grad_P: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        grad_P = grad_P.contiguous()
+        out = torch.empty_like(grad_P)
+        dist.all_to_all_single(out, grad_P, group=ctx.group)
         return out, None
 
 
-def all_to_all(x_PX: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+def all_to_all(x_P: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Differentiable all-to-all over the leading P axis (equal splits)."""
-    return _AllToAll.apply(x_PX, group)
+    return _AllToAll.apply(x_P, group)
 
 
 class ExpertParallelExperts(MoE):
@@ -123,9 +123,9 @@ class ExpertParallelExperts(MoE):
         # P x t x B x D: block q holds rank q's rows for this rank's t positions.
         x_PtBD = all_to_all(x_TBD.view(P, t, B, D), self.group)
         g_PtBE = all_to_all(gates_TBE.view(P, t, B, E), self.group)
-        x_tRD = x_PtBD.transpose(0, 1).reshape(t, P * B, D)  # R = P x B rows per owned position
-        g_tRE = g_PtBE.transpose(0, 1).reshape(t, P * B, E)
-        y_PtBD = self.local(x_tRD, g_tRE).view(t, P, B, D).transpose(0, 1)
+        x_tND = x_PtBD.transpose(0, 1).reshape(t, P * B, D)  # N = P x B rows per owned position
+        g_tNE = g_PtBE.transpose(0, 1).reshape(t, P * B, E)
+        y_PtBD = self.local(x_tND, g_tNE).view(t, P, B, D).transpose(0, 1)
         return all_to_all(y_PtBD, self.group).view(T, B, D)
 
 

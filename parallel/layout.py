@@ -2,7 +2,7 @@
 
     dist = init_distributed()                                  # process group (parallel.distributed)
     par = parallelize(cfg, dist, sparse_arch, dense_model)     # -> Parallelized
-    par.dmp(kjt) ... par.engine(sparse_BE, dense_BN) ...       # two objects, never one
+    par.dmp(kjt) ... par.engine(sparse_BI, dense_BF) ...       # two objects, never one
     par.layout.ep_rank, par.layout.expert_dp_rank              # read from DeepSpeed's own groups
 
 Order, and why:
@@ -98,7 +98,7 @@ class Parallelized:
     dmp: nn.Module
     """DistributedModelParallel over the sparse arch: `dmp(kjt)` -> pooled KeyedTensor (plan-dependent key order)."""
     engine: Any
-    """The DeepSpeed engine over the dense model: `engine(sparse_BE, dense_BN)`, `engine.backward`, `engine.step`."""
+    """The DeepSpeed engine over the dense model: `engine(sparse_BI, dense_BF)`, `engine.backward`, `engine.step`."""
     layout: ParallelLayout
     plan_report: ShardingReport
     expert_params_per_rank: int

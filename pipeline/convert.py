@@ -1,7 +1,7 @@
 """Decoded pieces -> one shuffle window (addresses only) -> blocks of ready batches.
 
 Legend: N rows in a window, B batch size, J batches in a block, F dense features, K label columns
-(tasks), S sparse features, P pieces a window spans, V ids in a block.
+(tasks), S sparse features (KJT keys), U pieces a window spans, V ids in a block, A repair counters.
 
 Two steps (no per-row Python; per-batch Python only to hand out views):
 1. `to_window`: a window is the rows [a, b) of one or more decoded pieces (`pipeline.decode`), in
@@ -52,10 +52,10 @@ class Window:
 
     The window is P slices of decoded row groups (window rows [part_start[p], part_start[p + 1])),
     every column being an address per slice, usually of Arrow's own buffer. Dense feature f is a
-    float32 column at `dense_FP[f, p]` (nulls already 0, non-finite values repaired on the way out),
-    labels likewise (`labels_KP`), user and row ids int64 columns. Sparse feature s (key order) has
-    its int64 ids in slice p at `ids_SP[s, p]`: one id per row when `offsets_SP[s]` is all 0, else row r's ids are
-    ids[offsets[r] : offsets[r + 1]] (int64 offsets at `offsets_SP[s, p]`), of which the last
+    float32 column at `dense_FU[f, p]` (nulls already 0, non-finite values repaired on the way out),
+    labels likewise (`labels_KU`), user and row ids int64 columns. Sparse feature s (key order) has
+    its int64 ids in slice p at `ids_SU[s, p]`: one id per row when `offsets_SU[s]` is all 0, else row r's ids are
+    ids[offsets[r] : offsets[r + 1]] (int64 offsets at `offsets_SU[s, p]`), of which the last
     `max_len_S[s]` are kept. `keep` holds every array behind these addresses. Ids of features with
     `vocab_S[s]` > 0 are raw and get hashed into [0, vocab_S[s]) on their way into a block.
     """
@@ -63,17 +63,17 @@ class Window:
     n: int
     order: np.ndarray  # int64 N, a permutation of range(N)
     part_start: np.ndarray  # int64 P + 1
-    ids_SP: np.ndarray  # uint64 addresses
-    offsets_SP: np.ndarray  # uint64 addresses, 0 for features with one id per row
+    ids_SU: np.ndarray  # uint64 addresses
+    offsets_SU: np.ndarray  # uint64 addresses, 0 for features with one id per row
     max_len_S: np.ndarray  # int64
     vocab_S: np.ndarray  # uint64: 0 when a feature's ids are final, else the vocab size to hash them into
     memo_S: np.ndarray  # uint64: address of a feature's memo table (`ids.memo_for`), or 0
-    dense_FP: np.ndarray  # uint64 addresses of float32 columns
-    labels_KP: np.ndarray  # uint64 addresses of float32 columns
-    user_P: np.ndarray  # uint64 addresses of int64 user ids, 0 without a user-id column
-    row_P: np.ndarray  # uint64 addresses of int64 row ids, 0 without a row-id column
+    dense_FU: np.ndarray  # uint64 addresses of float32 columns
+    labels_KU: np.ndarray  # uint64 addresses of float32 columns
+    user_U: np.ndarray  # uint64 addresses of int64 user ids, 0 without a user-id column
+    row_U: np.ndarray  # uint64 addresses of int64 row ids, 0 without a row-id column
     keep: list[object]  # the arrays behind the addresses
-    health_NC: np.ndarray | None  # int64 per-row repair counters, None when nothing was repaired
+    health_NA: np.ndarray | None  # int64 per-row repair counters, None when nothing was repaired
 
 
 Slice = tuple[Piece, int, int]
@@ -89,27 +89,27 @@ def to_window(slices: list[Slice], features: FeaturesConfig, perm: np.ndarray | 
     n = int(part_start[-1])
     pieces = [p for p, _, _ in slices]
     jagged = [sf.max_len > 1 or any(p.offsets[s] is not None for p in pieces) for s, sf in enumerate(features.sparse)]
-    ids_SP = np.zeros((n_sparse, n_parts), dtype=np.uint64)
-    offsets_SP = np.zeros((n_sparse, n_parts), dtype=np.uint64)
-    dense_FP = np.zeros((len(features.dense), n_parts), dtype=np.uint64)
-    labels_KP = np.zeros((len(features.labels), n_parts), dtype=np.uint64)
-    user_P, row_P = np.zeros(n_parts, dtype=np.uint64), np.zeros(n_parts, dtype=np.uint64)
+    ids_SU = np.zeros((n_sparse, n_parts), dtype=np.uint64)
+    offsets_SU = np.zeros((n_sparse, n_parts), dtype=np.uint64)
+    dense_FU = np.zeros((len(features.dense), n_parts), dtype=np.uint64)
+    labels_KU = np.zeros((len(features.labels), n_parts), dtype=np.uint64)
+    user_U, row_U = np.zeros(n_parts, dtype=np.uint64), np.zeros(n_parts, dtype=np.uint64)
     for p, (piece, a, _) in enumerate(slices):
         a4, a8 = np.uint64(4 * a), np.uint64(8 * a)
-        dense_FP[:, p] = piece.dense_addr + a4
-        labels_KP[:, p] = piece.labels_addr + a4
-        user_P[p] = piece.user_addr + 8 * a if piece.user_addr else 0
-        row_P[p] = piece.row_addr + 8 * a if piece.row_addr else 0
+        dense_FU[:, p] = piece.dense_addr + a4
+        labels_KU[:, p] = piece.labels_addr + a4
+        user_U[p] = piece.user_addr + 8 * a if piece.user_addr else 0
+        row_U[p] = piece.row_addr + 8 * a if piece.row_addr else 0
         for s in range(n_sparse):  # bags: ids stay put, the offsets start at row a; else ids start at row a
             if jagged[s]:
-                ids_SP[s, p] = piece.ids_addr[s]
-                offsets_SP[s, p] = piece.with_offsets(s) + 8 * a
+                ids_SU[s, p] = piece.ids_addr[s]
+                offsets_SU[s, p] = piece.with_offsets(s) + 8 * a
             else:
-                ids_SP[s, p] = piece.ids_addr[s] + a8
-    health_NC = None
-    if any(p.health_NC is not None for p, _, _ in slices):
+                ids_SU[s, p] = piece.ids_addr[s] + a8
+    health_NA = None
+    if any(p.health_NA is not None for p, _, _ in slices):
         zeros = lambda a, b: np.zeros((b - a, len(HEALTH)), dtype=np.int64)  # noqa: E731
-        health_NC = np.concatenate([zeros(a, b) if p.health_NC is None else p.health_NC[a:b] for p, a, b in slices])
+        health_NA = np.concatenate([zeros(a, b) if p.health_NA is None else p.health_NA[a:b] for p, a, b in slices])
     vocab_S = np.array([sf.vocab_size if sf.id_mapping == "hash" else 0 for sf in features.sparse], dtype=np.uint64)
     memo_S = np.zeros(n_sparse, dtype=np.uint64)
     for s, v in enumerate(vocab_S.tolist()):
@@ -118,8 +118,8 @@ def to_window(slices: list[Slice], features: FeaturesConfig, perm: np.ndarray | 
     max_len_S = np.array([sf.max_len for sf in features.sparse], dtype=np.int64)
     order = perm.astype(np.int64, copy=False) if perm is not None else np.arange(n, dtype=np.int64)
     return Window(
-        n, order, part_start, ids_SP, offsets_SP, max_len_S, vocab_S, memo_S, dense_FP, labels_KP, user_P, row_P,
-        pieces, health_NC,
+        n, order, part_start, ids_SU, offsets_SU, max_len_S, vocab_S, memo_S, dense_FU, labels_KU, user_U, row_U,
+        pieces, health_NA,
     )  # fmt: skip
 
 
@@ -181,18 +181,18 @@ def fill_block(
     if win is None:
         win = _empty_window(features)
     order = win.order[first : first + max(0, min(nb * bsz, win.n - first))]
-    sparse = (win.part_start, win.ids_SP, win.offsets_SP, win.max_len_S)
-    plan, n_ids = native.plan_block(nb, bsz, order, win.part_start, win.offsets_SP, win.max_len_S)
+    sparse = (win.part_start, win.ids_SU, win.offsets_SU, win.max_len_S)
+    plan, n_ids = native.plan_block(nb, bsz, order, win.part_start, win.offsets_SU, win.max_len_S)
     header: Header = (nb, bsz, len(features.sparse), len(features.dense), len(features.labels), n_ids)
     buf = alloc(block_sections(header)["_total"][0])
     arr = block_arrays(buf.numpy(), header)
     native.fill_sparse(nb, bsz, len(order), plan, *sparse, win.vocab_S, win.memo_S, MEMO_IDS, arr["values"],
                        arr["lengths"], arr["voff"])  # fmt: skip
-    rows = (win.part_start, win.dense_FP, win.labels_KP, win.user_P, win.row_P)
+    rows = (win.part_start, win.dense_FU, win.labels_KU, win.user_U, win.row_U)
     native.fill_rows(nb, bsz, len(order), plan, *rows, arr, _STATS_COLUMNS)
-    if win.health_NC is not None and len(order):  # repairs made while decoding, per row
+    if win.health_NA is not None and len(order):  # repairs made while decoding, per row
         h = np.zeros((nb * bsz, len(HEALTH)), dtype=np.int64)
-        np.take(win.health_NC, order, axis=0, out=h[: len(order)], mode="clip")
+        np.take(win.health_NA, order, axis=0, out=h[: len(order)], mode="clip")
         arr["stats"][:, : len(HEALTH)] += h.reshape(nb, bsz, len(HEALTH)).sum(axis=1)
     return buf, header
 

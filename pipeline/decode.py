@@ -1,6 +1,6 @@
 """One decoded row group -> `Piece`: its columns as the numpy arrays the compiled pass reads.
 
-Legend: n rows in the piece, F dense features, K labels, S sparse features.
+Legend: n rows in the piece, F dense features, K labels (tasks), S sparse features (KJT keys), A repair counters.
 
 Each row group is converted once, in the reader's read-ahead thread, right after Arrow decodes it;
 windows (`pipeline.convert.to_window`) then point into pieces by address. Columns stay where Arrow
@@ -46,7 +46,7 @@ class Piece:
     row: np.ndarray | None  # int64, None without a row-id column
     ids: list[np.ndarray]  # S int64
     offsets: list[np.ndarray | None]  # S int64 n + 1, or None
-    health_NC: np.ndarray | None  # int64 n x len(HEALTH) repairs, None when nothing was repaired
+    health_NA: np.ndarray | None  # int64 n x len(HEALTH) repairs, None when nothing was repaired
     dense_addr: np.ndarray  # uint64 F
     labels_addr: np.ndarray  # uint64 K
     user_addr: int

@@ -134,14 +134,14 @@ def _check(arrays: tuple[np.ndarray, ...], dtypes: tuple[type, ...], where: str)
 
 
 def plan_block(
-    nb: int, bsz: int, order: np.ndarray, part_start: np.ndarray, offsets_SP: np.ndarray, max_len_S: np.ndarray
+    nb: int, bsz: int, order: np.ndarray, part_start: np.ndarray, offsets_SU: np.ndarray, max_len_S: np.ndarray
 ) -> tuple[np.ndarray, int]:
     """Plan a block of nb batches of bsz rows whose real rows are the window rows `order` (batch j:
     order[j * bsz : (j + 1) * bsz], fewer in the last ones): where each row comes from and where each
     (batch, feature) run of ids starts (`rm_plan_block`). Returns (plan for `fill_sparse` and
     `fill_rows`, the block's id count). Arguments as in `fill_sparse`."""
-    s_total, n_parts = offsets_SP.shape
-    p = _check((order, part_start, offsets_SP, max_len_S), (np.int64, np.int64, np.uint64, np.int64), "plan_block")
+    s_total, n_parts = offsets_SU.shape
+    p = _check((order, part_start, offsets_SU, max_len_S), (np.int64, np.int64, np.uint64, np.int64), "plan_block")
     if len(part_start) != n_parts + 1 or len(order) > nb * bsz:
         raise ValueError(f"plan_block: {len(order)} rows from {len(part_start) - 1} slices do not fit {nb} x {bsz}")
     plan = np.empty(2 * len(order) + nb * s_total + 1, dtype=np.int64)
@@ -155,8 +155,8 @@ def fill_sparse(
     n_real: int,
     plan: np.ndarray,
     part_start: np.ndarray,
-    ids_SP: np.ndarray,
-    offsets_SP: np.ndarray,
+    ids_SU: np.ndarray,
+    offsets_SU: np.ndarray,
     max_len_S: np.ndarray,
     vocab_S: np.ndarray,
     memo_S: np.ndarray,
@@ -170,8 +170,8 @@ def fill_sparse(
     Args:
         n_real: real rows of the block (the length of the planned `order`).
         part_start: int64 P + 1, where each of the window's P slices starts (window rows).
-        ids_SP: uint64 S x P, the address of feature s's int64 ids in slice p.
-        offsets_SP: uint64 S x P, all 0 for a feature with one id per row, else the addresses of its
+        ids_SU: uint64 S x P, the address of feature s's int64 ids in slice p.
+        offsets_SU: uint64 S x P, all 0 for a feature with one id per row, else the addresses of its
             int64 row offsets into the ids (rows + 1 values per slice).
         max_len_S: int64 S, ids kept per row (the last ones).
         vocab_S: uint64 S, 0 to copy a feature's ids, else the vocab size to hash them into.
@@ -181,13 +181,13 @@ def fill_sparse(
     Returns:
         The number of ids written.
     """
-    s_total, n_parts = ids_SP.shape
+    s_total, n_parts = ids_SU.shape
     if lengths_JSB.shape != (nb, s_total, bsz) or voff.shape != (nb + 1,) or len(part_start) != n_parts + 1:
         raise ValueError(f"fill_sparse: lengths {lengths_JSB.shape} / voff {voff.shape} do not fit {nb} x {bsz}")
     if len(plan) != 2 * n_real + nb * s_total + 1:
         raise ValueError("fill_sparse: the plan is not of this block")
     dtypes = (np.int64, np.uint64, np.uint64, np.int64, np.uint64, np.uint64, np.int64, np.int64, np.int32, np.int64)
-    arrays = (part_start, ids_SP, offsets_SP, max_len_S, vocab_S, memo_S, plan, values, lengths_JSB, voff)
+    arrays = (part_start, ids_SU, offsets_SU, max_len_S, vocab_S, memo_S, plan, values, lengths_JSB, voff)
     p = _check(arrays, dtypes, "fill_sparse")
     written = library().rm_fill_sparse(
         nb, bsz, n_real, s_total, n_parts, *p[:6], memo_n, p[6], p[7], values.size, p[8], p[9]
@@ -203,10 +203,10 @@ def fill_rows(
     n_real: int,
     plan: np.ndarray,
     part_start: np.ndarray,
-    dense_FP: np.ndarray,
-    labels_KP: np.ndarray,
-    user_P: np.ndarray,
-    row_P: np.ndarray,
+    dense_FU: np.ndarray,
+    labels_KU: np.ndarray,
+    user_U: np.ndarray,
+    row_U: np.ndarray,
     out: dict[str, np.ndarray],
     stats_columns: tuple[int, int, int, int],
 ) -> None:
@@ -214,8 +214,8 @@ def fill_rows(
 
     Args:
         n_real, plan, part_start: as in `fill_sparse`.
-        dense_FP, labels_KP: uint64 F x P / K x P, addresses of float32 columns per slice.
-        user_P, row_P: uint64 P, addresses of int64 id columns per slice, 0 for none.
+        dense_FU, labels_KU: uint64 F x P / K x P, addresses of float32 columns per slice.
+        user_U, row_U: uint64 P, addresses of int64 id columns per slice, 0 for none.
         out: the block's arrays ("dense" nb x bsz x F, "labels" nb x bsz x K, "weights", "user", "row"
             nb x bsz, "stats" nb x C), written in full.
         stats_columns: the stats columns of non-finite dense repairs, padded rows, real rows and the
@@ -223,17 +223,17 @@ def fill_rows(
     """
     n_parts = len(part_start) - 1
     checks = (
-        (plan, np.int64), (part_start, np.int64), (dense_FP, np.uint64), (labels_KP, np.uint64), (user_P, np.uint64),
-        (row_P, np.uint64), (out["dense"], np.float32), (out["labels"], np.float32), (out["weights"], np.float32),
+        (plan, np.int64), (part_start, np.int64), (dense_FU, np.uint64), (labels_KU, np.uint64), (user_U, np.uint64),
+        (row_U, np.uint64), (out["dense"], np.float32), (out["labels"], np.float32), (out["weights"], np.float32),
         (out["user"], np.int64), (out["row"], np.int64), (out["stats"], np.int64),
     )  # fmt: skip
     p = _check(tuple(a for a, _ in checks), tuple(d for _, d in checks), "fill_rows")
-    if out["weights"].shape != (nb, bsz) or dense_FP.shape[1:] != (n_parts,) or labels_KP.shape[1:] != (n_parts,):
+    if out["weights"].shape != (nb, bsz) or dense_FU.shape[1:] != (n_parts,) or labels_KU.shape[1:] != (n_parts,):
         raise ValueError(f"fill_rows: arrays do not fit {nb} x {bsz} rows from {n_parts} slices")
     if len(plan) < 2 * n_real:
         raise ValueError("fill_rows: the plan is not of this block")
     library().rm_fill_rows(
-        nb, bsz, n_real, p[0], n_parts, p[1], len(dense_FP), p[2], len(labels_KP), p[3], p[4], p[5], *p[6:],
+        nb, bsz, n_real, p[0], n_parts, p[1], len(dense_FU), p[2], len(labels_KU), p[3], p[4], p[5], *p[6:],
         out["stats"].shape[1], *stats_columns,
     )  # fmt: skip
 

@@ -12,8 +12,8 @@ rank's share (real rows first, padding last). Workers hand their batches out in 
 (`reader_positions`), so the rank's state is a single counter. Units are split at row boundaries,
 so a row group may be shared by two readers.
 
-Legend: N rows in the epoch, W world size, K workers per rank (K = 1 when reading in-process),
-B batch size, L batches per rank.
+Legend: N rows in the epoch, W world size, B batch size, J batches per rank (split over the rank's
+`data.num_workers` readers, one reader when reading in-process).
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@ Artifact layout (default DIR = <run>/artifact, or <run>/artifact_int8 with --qua
 
     config.toml                 the run's resolved config (parallelism.ep_size reset to 1)
     manifest.json               feature order, tables, model, dtype, what is quantized, sizes, eval AUCs
-    tables.safetensors          fp32 tables {table: R x D}, unsharded            (no --quantize)
-    tables_int8.safetensors     {table.q: R x D uint8, table.scale_shift: R x 4}  (--quantize int8)
+    tables.safetensors          fp32 tables {table: R x C}, unsharded            (no --quantize)
+    tables_int8.safetensors     {table.q: R x C uint8, table.scale_shift: R x 4}  (--quantize int8)
     dense.safetensors           the zoo model's weights, experts merged from every ep shard
-    dense_program.json          torch.export program of the dense path (sparse_BE, dense_BN) -> probs_BK
+    dense_program.json          torch.export program of the dense path (sparse_BI, dense_BF) -> probs_BK
     dense_program.safetensors   its weights and constants
 
 The artifact's model routes with the inference router and skips zero-gate experts. The torch.export
@@ -18,7 +18,7 @@ at it), so the program runs the dense-weighted experts: the same function up to 
 With labels in the eval data (default data.eval), export scores it with the fp32 model and the
 quantized one and writes both metric sets and the AUC change into the manifest.
 
-Legend: B batch, E pooled-embedding width, N dense features, K tasks, R table rows, D table width.
+Legend: B batch, I pooled-embedding width, F dense features, K tasks, R table rows, C table width.
 """
 
 from __future__ import annotations
@@ -91,15 +91,15 @@ def _export_program(model: InferenceModel, out: Path) -> dict[str, Any]:
     """Export the dense path; report what traced, what did not, and how far the program is from eager."""
     gen = torch.Generator().manual_seed(0)
     e, n = sparse_dim(model.cfg.features), len(model.cfg.features.dense)
-    x_BE, d_BN = torch.randn(64, e, generator=gen) * 0.1, torch.randn(64, n, generator=gen)
+    x_BI, d_BF = torch.randn(64, e, generator=gen) * 0.1, torch.randn(64, n, generator=gen)
     status: dict[str, Any] = {
-        "inputs": {"sparse_BE": ["B", e], "dense_BN": ["B", n]},
+        "inputs": {"sparse_BI": ["B", e], "dense_BF": ["B", n]},
         "outputs": {"probs_BK": ["B", len(model.tasks)]},
     }
     sparse_path = copy.deepcopy(model.dense)
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # torch prints the partial graph of a failed trace
-            torch.export.export(DenseScorer(sparse_path), (x_BE, d_BN), strict=False)
+            torch.export.export(DenseScorer(sparse_path), (x_BI, d_BF), strict=False)
         status["sparse_inference_exported"] = True
     except Exception as err:  # noqa: BLE001 - reported in the manifest, not fatal
         status["sparse_inference_exported"] = False
@@ -107,13 +107,13 @@ def _export_program(model: InferenceModel, out: Path) -> dict[str, Any]:
     dense_path = copy.deepcopy(model.dense)
     set_sparse_inference(dense_path, False)
     try:
-        prog = save_program(DenseScorer(dense_path), (x_BE, d_BN), out)
+        prog = save_program(DenseScorer(dense_path), (x_BI, d_BF), out)
     except Exception as err:  # noqa: BLE001 - the artifact stays usable without the program
         status.update(status="failed", error=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
         return status
     with torch.no_grad():
-        eager = model.score_dense(x_BE, d_BN)
-        traced = prog.module()(x_BE, d_BN)
+        eager = model.score_dense(x_BI, d_BF)
+        traced = prog.module()(x_BI, d_BF)
     status.update(
         status="exported",
         files=[PROGRAM, PROGRAM_WEIGHTS],

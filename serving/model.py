@@ -5,14 +5,14 @@
     --> InferenceModel = SparseArch (unsharded tables; fp32, or TorchRec's INT8 quantized EBC)
                          + the zoo model in eval mode with the sparse-inference router
                            (PerTokenMoE.sparse_inference = True: zero-gate experts are not computed)
-    forward(kjt, dense_BN) -> probs_BK
+    forward(kjt, dense_BF) -> probs_BK
 
 Nothing here needs a process group, DeepSpeed or the trainer: a fresh process loads an artifact with
 model/, embeddings/ and pipeline/ only. Every load is safetensors or JSON; the one exception is
 reading a *training checkpoint's* sparse/ directory, whose DCP `.metadata` torch unpickles itself
 (the same read the trainer's resume does; tensors come through `torch.load(weights_only=True)`).
 
-Legend: B batch, E pooled-embedding width, N dense features, K tasks, R table rows, D table width.
+Legend: B batch, I pooled-embedding width, F dense features, K tasks, R table rows, C table width.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def _supported(cfg: JobConfig) -> None:
 
 
 def read_tables(ckpt: Path, specs: list[TableSpec]) -> dict[str, Tensor]:
-    """Full (unsharded) fp32 tables {table: R x D} from the checkpoint's DCP directory, in this process only.
+    """Full (unsharded) fp32 tables {table: R x C} from the checkpoint's DCP directory, in this process only.
 
     DCP reshards on load: whatever plan and world size wrote the shards, each table is read into one
     plain tensor. No process group is used (`no_dist=True`), so every rank of a job may call it.
@@ -150,13 +150,13 @@ def set_sparse_inference(model: nn.Module, on: bool) -> None:
         layer.eval_router = "infer"
 
 
-def quantize_table(weight_RD: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_table(weight_RC: Tensor) -> tuple[Tensor, Tensor]:
     """FBGEMM's fused 8-bit rowwise quantization of one table (what TorchRec's quant EBC stores).
 
     Returns:
-        (q_RD uint8, scale_shift_R4 uint8: an fp16 scale and an fp16 bias per row).
+        (q_RC uint8, scale_shift_R4 uint8: an fp16 scale and an fp16 bias per row).
     """
-    fused = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(weight_RD.float().contiguous(), 8)
+    fused = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(weight_RC.float().contiguous(), 8)
     return fused[:, :-4].contiguous(), fused[:, -4:].contiguous()
 
 
@@ -182,7 +182,7 @@ def build_sparse(
     quantized: dict[str, tuple[Tensor, Tensor]] | None = None,
     device: torch.device | None = None,
 ) -> SparseArch:
-    """The unsharded sparse arch over fp32 `tables` {name: R x D} or int8 `quantized` {name: (q, scale_shift)}
+    """The unsharded sparse arch over fp32 `tables` {name: R x C} or int8 `quantized` {name: (q, scale_shift)}
     (int8 tables are built on `device`, default CPU; move fp32 ones with `.to`)."""
     _supported(cfg)
     arch = build_sparse_arch(cfg.features, cfg.embeddings, device=torch.device("meta"))
@@ -219,20 +219,20 @@ class InferenceModel(nn.Module):
         self.tasks = list(cfg.features.labels)
 
     def embed(self, kjt: KeyedJaggedTensor) -> Tensor:
-        """kjt (keys = features.sparse names) -> sparse_BE pooled embeddings in model order."""
+        """kjt (keys = features.sparse names) -> sparse_BI pooled embeddings in model order."""
         return pooled_to_model_input(self.sparse(kjt), self.cfg.features)
 
-    def score_dense(self, sparse_BE: Tensor, dense_BN: Tensor) -> Tensor:
-        """sparse_BE: B x E, dense_BN: B x N -> probs_BK: B x K (float32)."""
-        device = sparse_BE.device.type
+    def score_dense(self, sparse_BI: Tensor, dense_BF: Tensor) -> Tensor:
+        """sparse_BI: B x I, dense_BF: B x F -> probs_BK: B x K (float32)."""
+        device = sparse_BI.device.type
         with torch.autocast(device, dtype=torch.bfloat16, enabled=self.dtype == "bf16"):
-            logits_BK = self.dense(sparse_BE, dense_BN).logits_BK
+            logits_BK = self.dense(sparse_BI, dense_BF).logits_BK
         return torch.sigmoid(logits_BK.float())
 
     @torch.no_grad()
-    def forward(self, kjt: KeyedJaggedTensor, dense_BN: Tensor) -> Tensor:
-        """kjt: B samples of every sparse feature, dense_BN: B x N -> probs_BK: B x K."""
-        return self.score_dense(self.embed(kjt), dense_BN)
+    def forward(self, kjt: KeyedJaggedTensor, dense_BF: Tensor) -> Tensor:
+        """kjt: B samples of every sparse feature, dense_BF: B x F -> probs_BK: B x K."""
+        return self.score_dense(self.embed(kjt), dense_BF)
 
 
 def from_checkpoint(cfg: JobConfig, ckpt: Path, *, quantize: str = "none", dtype: str = "fp32") -> InferenceModel:
@@ -280,15 +280,15 @@ PROGRAM_WEIGHTS = "dense_program.safetensors"
 
 
 class DenseScorer(nn.Module):
-    """The dense path as one module for torch.export: (sparse_BE, dense_BN) -> probs_BK."""
+    """The dense path as one module for torch.export: (sparse_BI, dense_BF) -> probs_BK."""
 
     def __init__(self, dense: nn.Module) -> None:
         super().__init__()
         self.dense = dense
 
-    def forward(self, sparse_BE: Tensor, dense_BN: Tensor) -> Tensor:
-        """sparse_BE: B x E pooled embeddings (model order), dense_BN: B x N -> probs_BK: B x K."""
-        return torch.sigmoid(self.dense(sparse_BE, dense_BN).logits_BK)
+    def forward(self, sparse_BI: Tensor, dense_BF: Tensor) -> Tensor:
+        """sparse_BI: B x I pooled embeddings (model order), dense_BF: B x F -> probs_BK: B x K."""
+        return torch.sigmoid(self.dense(sparse_BI, dense_BF).logits_BK)
 
 
 def read_manifest(artifact: Path) -> dict:

@@ -3,14 +3,14 @@
     step = TrainStep(cfg, par, total_steps)
     metrics = step(batch, step_index)      # lr schedule -> forward -> loss -> backward -> clip -> step -> controller
 
-    batch.sparse --DMP (tables)--> pooled KeyedTensor --regroup by name--> sparse_BE
-    sparse_BE, batch.dense --DeepSpeed engine (dense model)--> logits_BK, reg_loss
+    batch.sparse --DMP (tables)--> pooled KeyedTensor --regroup by name--> sparse_BI
+    sparse_BI, batch.dense --DeepSpeed engine (dense model)--> logits_BK, reg_loss
     loss = sum_k BCE_k(logits_BK, labels_BK; weights_B) + reg_loss
     engine.backward(loss): dense grads reduced, expert grads over the expert-data-parallel group, the
         embedding grads reach the tables, whose fused optimizer steps inside backward
     clip by the global norm -> engine.step() -> MoE L1 controller on the activation averaged over ranks
 
-Legend: B batch per rank, E pooled-embedding width, N dense features, K tasks.
+Legend: B batch per rank, I pooled-embedding width, F dense features, K tasks.
 """
 
 from __future__ import annotations
@@ -47,17 +47,17 @@ class TrainStep:
         self.has_moe = bool(train_activation(par.model))
 
     def embed(self, batch: Batch) -> Tensor:
-        """sparse_BE: the batch's pooled embeddings (sharded lookup + input all-to-all), regrouped by name."""
+        """sparse_BI: the batch's pooled embeddings (sharded lookup + input all-to-all), regrouped by name."""
         kt = self.par.dmp(batch.sparse)
         if hasattr(kt, "wait"):
             kt = kt.wait()
         return pooled_to_model_input(kt, self.cfg.features)
 
-    def dense(self, sparse_BE: Tensor, dense_BN: Tensor) -> ModelOutput:
+    def dense(self, sparse_BI: Tensor, dense_BF: Tensor) -> ModelOutput:
         """The dense model through the engine (bf16 autocast when training.dtype = bf16)."""
         enabled = self.cfg.training.dtype == "bf16"
         with torch.autocast(self.par.layout.device.type, dtype=torch.bfloat16, enabled=enabled):
-            return self.par.engine(sparse_BE, dense_BN)
+            return self.par.engine(sparse_BI, dense_BF)
 
     def forward(self, batch: Batch) -> ModelOutput:
         """Scores of one batch already on the device (train or eval mode as set on the modules)."""

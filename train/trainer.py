@@ -21,7 +21,7 @@ import torch
 from config import JobConfig
 from embeddings.regroup import sparse_dim
 from embeddings.tables import build_sparse_arch
-from metrics.auc import EvalAccumulator, WindowedAUC
+from metrics.auc import EvalAccumulator, WindowedAUC, eval_metrics_flat
 from metrics.mfu import mfu, peak_flops, rss_mb
 from metrics.plots import write_plots
 from metrics.tracking import MetricsLogger
@@ -236,7 +236,7 @@ class Trainer:
                 paused = time.perf_counter()  # eval and checkpoint time is not training time
                 if t.eval_every and self.step % t.eval_every == 0 and not done:
                     last_eval = self.evaluate()
-                    self.logger.log(_flatten_eval(last_eval), self.step)
+                    self.logger.log(eval_metrics_flat(last_eval), self.step)
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not done:
                     self.save()
                 timer_t0 += time.perf_counter() - paused
@@ -252,7 +252,7 @@ class Trainer:
         self.save()
         summary = self._summary(final_eval, time.perf_counter() - wall0)
         if final_eval:
-            self.logger.log(_flatten_eval(final_eval), self.step)
+            self.logger.log(eval_metrics_flat(final_eval), self.step)
         self.logger.log_summary(summary)
         if info.is_main and self.cfg.metrics.plots:
             self.logger.log_images({p.stem: p for p in write_plots(self.run_dir)}, self.step)
@@ -324,7 +324,3 @@ class Trainer:
                 else None
             )
         return summary
-
-
-def _flatten_eval(ev: dict[str, dict[str, float]]) -> dict[str, float]:
-    return {f"eval/{task}/{k}": v for task, m in ev.items() for k, v in m.items()}

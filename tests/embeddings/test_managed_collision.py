@@ -50,9 +50,9 @@ def test_out_of_range_raw_ids_are_remapped_into_range_without_collisions():
     for raw_id, row in zip(RAW.tolist(), first.tolist(), strict=True):
         assert slot.setdefault(raw_id, row) == row
     assert len(set(slot.values())) == len(slot), "two distinct raw ids share a row (collision)"
-    x_BE = pooled_to_model_input(arch(_kjt(RAW)), f)
-    assert x_BE.shape == (len(RAW), sparse_dim(f))
-    assert torch.equal(x_BE[0, :4], x_BE[3, :4])  # same raw id, same embedding (u comes first: group user)
+    x_BI = pooled_to_model_input(arch(_kjt(RAW)), f)
+    assert x_BI.shape == (len(RAW), sparse_dim(f))
+    assert torch.equal(x_BI[0, :4], x_BI[3, :4])  # same raw id, same embedding (u comes first: group user)
 
 
 def test_managed_collision_needs_raw_ids():

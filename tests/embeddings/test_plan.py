@@ -76,7 +76,7 @@ def _regroup_by_name() -> dict:
     kjt_all = make_kjt(f, range(8), seed=3, total=8)
     mine = range(rank * 4, rank * 4 + 4)
     kt = dmp(make_kjt(f, mine, seed=3, total=8))
-    x_BE = pooled_to_model_input(kt, f)
+    x_BI = pooled_to_model_input(kt, f)
     # per-feature reference: unsharded lookups, concatenated by name in group order
     ref_kt = ref(kjt_all).to_dict()
     x_ref = torch.cat([ref_kt[n] for n in feature_order(f)], dim=1)[mine.start : mine.stop]
@@ -90,12 +90,12 @@ def _regroup_by_name() -> dict:
         sf = by_name[n]
         if sf.max_len == 1:
             rows = weights[tables[sf.table_name].name][ids[n].values()]
-            row_err = max(row_err, (x_BE[:, col : col + sf.dim] - rows).abs().max().item())
+            row_err = max(row_err, (x_BI[:, col : col + sf.dim] - rows).abs().max().item())
         col += sf.dim
     return {
         "keys": list(kt.keys()),
-        "shape": tuple(x_BE.shape),
-        "err": (x_BE - x_ref).abs().max().item(),
+        "shape": tuple(x_BI.shape),
+        "err": (x_BI - x_ref).abs().max().item(),
         "row_err": row_err,
     }
 

@@ -34,7 +34,7 @@ def test_pooling_matches_a_per_feature_reference():
     arch = build_sparse_arch(f, EmbeddingsConfig(), device=CPU, seed=2)
     weights = unsharded_tables(arch)
     kjt = make_kjt(f, range(16), seed=5, total=16)
-    x_BE = pooled_to_model_input(arch(kjt), f)
+    x_BI = pooled_to_model_input(arch(kjt), f)
     by_name = {sf.name: sf for sf in f.sparse}
     ids = kjt.to_dict()
     cols = []
@@ -46,7 +46,7 @@ def test_pooling_matches_a_per_feature_reference():
             rows.append(e / max(len(v), 1) if sf.pooling_mode == "mean" else e)
         cols.append(torch.stack(rows))
     assert any(len(v) == 0 for v in ids["sb"].to_dense()), "fixture lost its empty bags"
-    torch.testing.assert_close(x_BE, torch.cat(cols, dim=1))
+    torch.testing.assert_close(x_BI, torch.cat(cols, dim=1))
 
 
 def test_init_is_deterministic_and_plan_independent():

@@ -1,6 +1,6 @@
 """Tests of the DLRM-MLP and DCNv2 baselines (model/baselines.py).
 
-Legend: B batch, E pooled-embedding width, N dense features, I interaction width, K tasks.
+Legend: B batch, I pooled-embedding width, F dense features, Z model input width, K tasks.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def _inputs(b: int = B, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("kind", KINDS)
 def test_output_shapes_and_interface(kind: str) -> None:
     model = _build(kind)
-    sparse_BE, dense_BN = _inputs()
-    out = model(sparse_BE, dense_BN)
+    sparse_BI, dense_BF = _inputs()
+    out = model(sparse_BI, dense_BF)
     assert isinstance(out, ModelOutput)
     assert out.logits_BK.shape == (B, K)
     assert out.reg_loss.shape == () and float(out.reg_loss) == 0.0
@@ -68,9 +68,9 @@ def test_deterministic_in_seed_and_leaves_global_rng_alone(kind: str) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_flops_counter_matches_flop_counter_mode(kind: str) -> None:
     model = _build(kind, mlp_hidden=[48, 24], tower_hidden=[12, 6], cross_layers=3)
-    sparse_BE, dense_BN = _inputs()
+    sparse_BI, dense_BF = _inputs()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(sparse_BE, dense_BN)
+        model(sparse_BI, dense_BF)
     measured = counter.get_total_flops() / B
     assert measured > 0
     assert abs(model.flops_per_sample() - measured) / measured < 0.05
@@ -90,32 +90,32 @@ def test_cross_layer_matches_reference_formula() -> None:
     assert isinstance(model, DCNv2)
     g = torch.Generator().manual_seed(7)
     i = model.input_dim
-    x0_BI = torch.randn(B, i, generator=g)
-    xl_BI = torch.randn(B, i, generator=g)
+    x0_BZ = torch.randn(B, i, generator=g)
+    xl_BZ = torch.randn(B, i, generator=g)
     layer = model.body.cross[0]
     assert isinstance(layer, CrossLayer)
     w, b = layer.linear.weight, layer.linear.bias
-    expected = x0_BI * (xl_BI @ w.T + b) + xl_BI
-    torch.testing.assert_close(layer(x0_BI, xl_BI), expected)
+    expected = x0_BZ * (xl_BZ @ w.T + b) + xl_BZ
+    torch.testing.assert_close(layer(x0_BZ, xl_BZ), expected)
     # elementwise form, one sample, one coordinate: written out as sums
     j = 3
-    manual = x0_BI[0, j] * (sum(w[j, k] * xl_BI[0, k] for k in range(i)) + b[j]) + xl_BI[0, j]
-    torch.testing.assert_close(layer(x0_BI, xl_BI)[0, j], manual)
+    manual = x0_BZ[0, j] * (sum(w[j, k] * xl_BZ[0, k] for k in range(i)) + b[j]) + xl_BZ[0, j]
+    torch.testing.assert_close(layer(x0_BZ, xl_BZ)[0, j], manual)
     # the network composes the layers with the same x0
-    x = x0_BI
+    x = x0_BZ
     for lay in model.body.cross:
-        x = x0_BI * (x @ lay.linear.weight.T + lay.linear.bias) + x
-    torch.testing.assert_close(model.body.cross_network(x0_BI), x)
+        x = x0_BZ * (x @ lay.linear.weight.T + lay.linear.bias) + x
+    torch.testing.assert_close(model.body.cross_network(x0_BZ), x)
 
 
 def test_dcnv2_structures_route_inputs() -> None:
     """Stacked feeds the cross output to the MLP; parallel concatenates cross(x0) and MLP(x0)."""
-    sparse_BE, dense_BN = _inputs()
+    sparse_BI, dense_BF = _inputs()
     stacked = _build("dcnv2")
-    x0 = stacked._inputs(sparse_BE, dense_BN)
+    x0 = stacked._inputs(sparse_BI, dense_BF)
     torch.testing.assert_close(stacked.body(x0), stacked.body.mlp(stacked.body.cross_network(x0)))
     par = _build("dcnv2_parallel")
-    x0 = par._inputs(sparse_BE, dense_BN)
+    x0 = par._inputs(sparse_BI, dense_BF)
     h = par.body(x0)
     assert h.shape == (B, par.input_dim + 16)
     torch.testing.assert_close(h, torch.cat([par.body.cross_network(x0), par.body.mlp(x0)], dim=1))
@@ -124,22 +124,22 @@ def test_dcnv2_structures_route_inputs() -> None:
 def _planted_batch(b: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Labels that depend on feature interactions only (no single feature is predictive)."""
     g = torch.Generator().manual_seed(11)
-    sparse_BE = torch.randn(b, E, generator=g)
-    dense_BN = torch.randn(b, N, generator=g)
-    click_B = (sparse_BE[:, 0] * sparse_BE[:, 1] > 0).float()
-    finish_B = (sparse_BE[:, 2] * dense_BN[:, 0] > 0).float()
-    return sparse_BE, dense_BN, torch.stack([click_B, finish_B], dim=1)
+    sparse_BI = torch.randn(b, E, generator=g)
+    dense_BF = torch.randn(b, N, generator=g)
+    click_B = (sparse_BI[:, 0] * sparse_BI[:, 1] > 0).float()
+    finish_B = (sparse_BI[:, 2] * dense_BF[:, 0] > 0).float()
+    return sparse_BI, dense_BF, torch.stack([click_B, finish_B], dim=1)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_trains_on_planted_interaction(kind: str) -> None:
     torch.manual_seed(0)
     model = _build(kind)
-    sparse_BE, dense_BN, labels_BK = _planted_batch()
+    sparse_BI, dense_BF, labels_BK = _planted_batch()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(50):
-        out = model(sparse_BE, dense_BN)
+        out = model(sparse_BI, dense_BF)
         loss, _ = task_loss(out.logits_BK, labels_BK)
         loss = loss + out.reg_loss
         opt.zero_grad()
@@ -175,7 +175,7 @@ def test_bad_config_names_the_key(build: Callable[[], object], match: str) -> No
 @pytest.mark.parametrize("kind", KINDS)
 def test_bad_input_shapes_raise(kind: str) -> None:
     model = _build(kind)
-    with pytest.raises(ValueError, match="sparse_BE"):
+    with pytest.raises(ValueError, match="sparse_BI"):
         model(torch.randn(4, E + 1), torch.randn(4, N))
-    with pytest.raises(ValueError, match="dense_BN"):
+    with pytest.raises(ValueError, match="dense_BF"):
         model(torch.randn(4, E), torch.randn(4, N + 1))

@@ -1,6 +1,6 @@
 """Token mixing, per-token FFN and tokenizer against plain references.
 
-Legend: B batch, T tokens, H heads, D width, c = D / H, E pooled width, N dense features.
+Legend: B batch, T tokens, H heads, D width, c = D / H, I pooled width, F dense features.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def test_tokenizer_slices_and_projects(shared: bool) -> None:
         1,
     )
     torch.testing.assert_close(tok(sparse, dense), ref)
-    with pytest.raises(ValueError, match="sparse_BE"):
+    with pytest.raises(ValueError, match="sparse_BI"):
         tok(torch.randn(B, E + 1), dense)
 
 

@@ -1,6 +1,6 @@
 """Per-token experts, routers, the L1 controller and DTSI.
 
-Legend: B batch, T tokens, t owned positions, D width, E experts per token, H = k_e D.
+Legend: B batch, T tokens, t owned positions, D width, E experts per token, M = k_e D.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The zoo models end to end: FLOPs counter, training, sizes, config errors, determinism.
 
-Legend: B batch, E pooled width, N dense features, K tasks, T tokens, D width.
+Legend: B batch, I pooled width, F dense features, K tasks, T tokens, D width.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import torch
 
 from config import load_config
 from model.config import ModelConfig, MoEConfig
-from model.flops import block_params, measured_flops, paper_block_flops, paper_block_params
 from model.moe import moe_layers
 from model.output import task_loss
 from model.rankmixer import RankMixer
 from model.zoo import MODELS, build_model
+from tests.model.flops_ref import block_params, measured_flops, paper_block_flops, paper_block_params
 
 E, N, K, B = 30, 3, 2, 32
 

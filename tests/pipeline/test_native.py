@@ -133,10 +133,10 @@ def test_blocks_from_multi_slice_windows_match_a_row_by_row_reference(perm_seed)
 
 def test_fill_sparse_refuses_ids_that_do_not_fit():
     win = to_window([(decode_piece(_slice_table(0, 8, False), DataConfig(), FEATURES), 0, 8)], FEATURES)
-    plan, total = native.plan_block(2, 4, win.order, win.part_start, win.offsets_SP, win.max_len_S)
+    plan, total = native.plan_block(2, 4, win.order, win.part_start, win.offsets_SU, win.max_len_S)
     assert total > 3
     values, lengths, voff = np.empty(3, np.int64), np.empty((2, 5, 4), np.int32), np.empty(3, np.int64)
-    sparse = (win.part_start, win.ids_SP, win.offsets_SP, win.max_len_S, win.vocab_S, win.memo_S, ids.MEMO_IDS)
+    sparse = (win.part_start, win.ids_SU, win.offsets_SU, win.max_len_S, win.vocab_S, win.memo_S, ids.MEMO_IDS)
     with pytest.raises(ValueError, match="do not fit in 3 values"):
         native.fill_sparse(2, 4, 8, plan, *sparse, values, lengths, voff)
 

@@ -112,12 +112,12 @@ def test_dense_program_matches_the_dense_weighted_model(run) -> None:
     prog = load_program(run / "artifact").module()
     gen = torch.Generator().manual_seed(1)
     for b in (1, 5, 300):  # dynamic batch size
-        x_BE, d_BN = torch.randn(b, 200, generator=gen) * 0.1, torch.randn(b, 8, generator=gen)
-        sparse = model.score_dense(x_BE, d_BN)
+        x_BI, d_BF = torch.randn(b, 200, generator=gen) * 0.1, torch.randn(b, 8, generator=gen)
+        sparse = model.score_dense(x_BI, d_BF)
         set_sparse_inference(model.dense, False)
-        dense = model.score_dense(x_BE, d_BN)
+        dense = model.score_dense(x_BI, d_BF)
         set_sparse_inference(model.dense, True)
-        out = prog(x_BE, d_BN)
+        out = prog(x_BI, d_BF)
         assert out.shape == (b, 2)
         assert torch.equal(out, dense)  # the program is exactly the dense-weighted path
         assert (out - sparse).abs().max() < 1e-5  # which is the sparse path up to rounding

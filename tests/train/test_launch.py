@@ -1,6 +1,6 @@
-"""The real launcher: `launch/train.sh` (torchrun) on 2 processes, two agents as two nodes, and an
-elastic restart after kill -9 of one rank. Subprocess tests: each pays the torch + torchrec +
-deepspeed import, so there are only these few."""
+"""The real launchers: `launch/train.sh` (torchrun) on 2 processes, two agents as two nodes, the
+`deepspeed` launcher, and an elastic restart after kill -9 of one rank. Subprocess tests: each pays
+the torch + torchrec + deepspeed import, so there are only these few."""
 
 from __future__ import annotations
 
@@ -85,6 +85,30 @@ def test_two_nodes_train_like_one(single_node_run: Path, tiny_data, tmp_path) ->
     assert a["rows_consumed"] == b["rows_consumed"] and a["steps"] == b["steps"]
     for task in b["eval"]:
         assert a["eval"][task]["auc"] == pytest.approx(b["eval"][task]["auc"], abs=1e-4)
+
+
+def test_deepspeed_launcher_trains_like_torchrun(single_node_run: Path, tiny_data, tmp_path) -> None:
+    # `deepspeed --module launch.train` passes --local_rank=N to every rank and names LOCAL_SIZE, not
+    # LOCAL_WORLD_SIZE: both are taken, and the run equals torchrun's.
+    run = tmp_path / "ds_launcher"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env["TORCH_EXTENSIONS_DIR"] = str(REPO / ".build" / "torch_extensions")
+    cmd = [str(REPO / ".venv" / "bin" / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
+    cmd += ["--module", "launch.train", "--config", str(REPO / "configs" / "tiny.toml")]
+    cmd += data_args(tiny_data, run, "--training.log_every", "2", "--parallelism.ep_size", "2")
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert "LOCAL_WORLD_SIZE" not in out.stderr, "TorchRec fell back to guessing the local world size"
+    ds, ref = losses(run), losses(single_node_run)
+    assert ds.keys() == ref.keys()
+    for step in ref:
+        assert ds[step] == pytest.approx(ref[step], rel=1e-5), step
 
 
 def _workers(agent_pid: int) -> list[int]:

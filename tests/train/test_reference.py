@@ -57,26 +57,26 @@ def _vs_reference(data: str, out: str, ep: int) -> dict[str, float]:
     # --- the plain single-process model on the global batch of 2 x B rows
     f, t = cfg.features, cfg.training
     ref_sparse = build_sparse_arch(f, cfg.embeddings, device=torch.device("cpu"), seed=t.seed)
-    ref_BE = pooled_to_model_input(ref_sparse(_concat_kjt(parts)), f).detach()
+    ref_BI = pooled_to_model_input(ref_sparse(_concat_kjt(parts)), f).detach()
     ref = build_model(cfg.model, cfg.moe, sparse_dim=sparse_dim(f), num_dense=len(f.dense), num_tasks=2, seed=t.seed)
     dense = torch.cat([p["dense"] for p in parts])
     labels = torch.cat([p["labels"] for p in parts])
     weights = torch.cat([p["weights"] for p in parts])
-    ref_out = ref(ref_BE, dense)
+    ref_out = ref(ref_BI, dense)
     ref_loss = task_loss(ref_out.logits_BK, labels, weights)[0] + ref_out.reg_loss
     ref_loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
 
     # --- the trainer's step (train.step.TrainStep), phase by phase
     factor = tr.step_fn.set_lr(0)
-    sparse_BE = tr.step_fn.embed(batch)
-    out = tr.step_fn.dense(sparse_BE, batch.dense)
+    sparse_BI = tr.step_fn.embed(batch)
+    out = tr.step_fn.dense(sparse_BI, batch.dense)
     loss = tr.step_fn.loss(out, batch)[0]
     tr.engine.backward(loss)
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
     errs = {
-        "pooled": float((sparse_BE.detach() - ref_BE[rows]).abs().max()),
+        "pooled": float((sparse_BI.detach() - ref_BI[rows]).abs().max()),
         "logits": float((out.logits_BK.detach() - ref_out.logits_BK.detach()[rows]).abs().max()),
         "loss": float((mean_loss / 2 - ref_loss.detach()).abs()),
     }
@@ -110,8 +110,8 @@ def _vs_reference(data: str, out: str, ep: int) -> dict[str, float]:
     errs["params_after_step"] = param_err
     # engine.backward reached the tables: their fused optimizer already updated the looked-up rows
     kt = tr.dmp(batch.sparse)
-    after_BE = pooled_to_model_input(kt.wait() if hasattr(kt, "wait") else kt, f)
-    errs["tables_moved"] = float((after_BE - sparse_BE.detach()).abs().max())
+    after_BI = pooled_to_model_input(kt.wait() if hasattr(kt, "wait") else kt, f)
+    errs["tables_moved"] = float((after_BI - sparse_BI.detach()).abs().max())
     return errs
 
 

@@ -1,4 +1,4 @@
-"""FLOPs and parameters: the paper's closed forms, a measured count, the GEMM peak and MFU.
+"""Test references for FLOPs and parameters: the paper's closed forms and torch's measured count.
 
 Convention everywhere (the analytic `model.flops_per_sample()` of every zoo model included): forward
 FLOPs of the matrix multiplications only, multiply-add = 2 FLOPs; bias adds, activations, LayerNorm
@@ -12,10 +12,8 @@ Legend: B batch, L layers, T tokens, D width, k FFN multiplier.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
-import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -44,23 +42,3 @@ def measured_flops(fn: Callable[[], object]) -> int:
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
-
-
-def gemm_peak_flops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
-    """Best-of-`repeats` FLOP/s of an n x n x n matmul on CPU at the current thread count."""
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(dtype)
-    b = torch.randn(n, n, generator=g).to(dtype)
-    out = torch.empty(n, n, dtype=dtype)
-    torch.mm(a, b, out=out)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n**3 / best
-
-
-def mfu(flops_per_sample: float, samples_per_s: float, peak_flops: float) -> float:
-    """Model FLOPs utilisation: achieved FLOP/s over the hardware peak (same dtype)."""
-    return flops_per_sample * samples_per_s / peak_flops
