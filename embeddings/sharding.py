@@ -4,7 +4,7 @@
                                     device=runtime.device, world_size=dist.get_world_size())
     x_BI = pooled_to_model_input(dmp(batch.sparse), f)      # dense model stays OUTSIDE the DMP
 
-Sharding types, verified on CPU with gloo (2 ranks; tests/embeddings/test_sharded_reference.py):
+Sharding types, verified on CPU with gloo (2 ranks; tests/embeddings/test_sharded.py):
 pooled outputs and one fused-SGD step matched a single-process EmbeddingBagCollection for
 table_wise, column_wise, table_column_wise, row_wise and table_row_wise. Not usable here:
 - data_parallel: TorchRec gives DP tables the dense kernel, which the fused optimizer does not
