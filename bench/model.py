@@ -35,7 +35,7 @@ from torch import nn
 
 from config import load_config
 from metrics.mfu import measure_gemm_flops
-from model.config import ModelConfig, MoEConfig
+from model.config import DenseInputSpec, ModelConfig, MoEConfig
 from model.ffn import PerTokenFFN
 from model.mixing import SelfAttention, TokenMixing
 from model.moe import moe_layers
@@ -72,7 +72,9 @@ def bench_mfu(batch: int, reps: int, peak: float) -> dict[str, float]:
     """Forward + backward of the RankMixer-100M-shape model; MFU against `peak` FLOP/s."""
     cfg = load_config(["--config", CONFIG_100M])
     sparse_dim, num_dense, num_tasks = sum(f.dim for f in cfg.features.sparse), len(cfg.features.dense), 2
-    model = RankMixer(cfg.model, MoEConfig(), sparse_dim=sparse_dim, num_dense=num_dense, num_tasks=num_tasks)
+    model = RankMixer(
+        cfg.model, MoEConfig(), sparse_dim=sparse_dim, dense=DenseInputSpec(num_dense), num_tasks=num_tasks
+    )
     sparse, dense, labels = _inputs(batch, sparse_dim, num_dense, num_tasks)
     a, c = torch.randn(2048, 2048), torch.empty(2048, 2048)
 
@@ -146,7 +148,7 @@ def bench_sparse_inference(batch: int, reps: int, activation: float = 0.25) -> d
     cfg = load_config(["--config", CONFIG_100M])
     sparse_dim, num_dense = sum(f.dim for f in cfg.features.sparse), len(cfg.features.dense)
     moe = MoEConfig(enabled=True, num_experts=4, expert_mult=1, target_activation=activation)
-    model = RankMixer(cfg.model, moe, sparse_dim=sparse_dim, num_dense=num_dense, num_tasks=2).eval()
+    model = RankMixer(cfg.model, moe, sparse_dim=sparse_dim, dense=DenseInputSpec(num_dense), num_tasks=2).eval()
     sparse, dense, _ = _inputs(batch, sparse_dim, num_dense, 2)
     tune_routers(model, sparse, dense, activation)
     layers = moe_layers(model)
@@ -198,7 +200,7 @@ def bench_dtsi(target: float, steps: int = 1500, batch: int = 256) -> dict[str, 
 
     cfg = ModelConfig(num_tokens=4, d_model=32, num_layers=2, ffn_mult=2, dense_proj_dim=8, tower_hidden=[16])
     moe = MoEConfig(enabled=True, num_experts=8, target_activation=target, l1_init=1e-3, l1_step=1.1)
-    model = RankMixer(cfg, moe, sparse_dim=E, num_dense=N, num_tasks=2)
+    model = RankMixer(cfg, moe, sparse_dim=E, dense=DenseInputSpec(N), num_tasks=2)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(steps):
         s_BI, d_BF, y_BK = data(batch)

@@ -78,7 +78,7 @@ def worker(args: argparse.Namespace) -> None:
         sparse_BI = step.embed(batch)
         t2 = time.perf_counter()
         out = step.dense(sparse_BI, batch.dense)
-        loss = step.loss(out, batch)[0]
+        loss = step.loss(out, batch, sparse_BI)[0]
         t3 = time.perf_counter()
         tr.engine.backward(loss)
         t4 = time.perf_counter()

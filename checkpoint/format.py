@@ -23,6 +23,8 @@ META = "meta.json"
 SPARSE_DIR = "sparse"
 DENSE_FILE = "dense.safetensors"
 CHECKPOINTS_DIR = "checkpoints"
+BEST_DIR = "best"
+"""checkpoints/best: the best validation evaluation's checkpoint, kept apart from keep_last pruning."""
 TMP_SUFFIX = ".tmp"
 
 
@@ -123,6 +125,13 @@ def latest_checkpoint(run_dir: Path) -> Path:
     if not found:
         raise CheckpointError(f"{root}: no complete checkpoint (a step_* folder with {META})")
     return found[-1]
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    """The weights a run ends with: checkpoints/best when it kept one (validation with
+    training.restore_best), else its newest complete step_* (CheckpointError naming the folder if none)."""
+    best = run_dir / CHECKPOINTS_DIR / BEST_DIR
+    return best if is_complete(best) else latest_checkpoint(run_dir)
 
 
 def require_complete(path: Path) -> Path:

@@ -19,7 +19,7 @@ from config.parallelism import ParallelismConfig
 from config.training import TrainingConfig
 from embeddings.config import EmbeddingsConfig
 from metrics.config import MetricsConfig
-from model.config import ModelConfig, MoEConfig
+from model.config import DenseInputSpec, ModelConfig, MoEConfig
 from pipeline.config import DataConfig, FeaturesConfig
 from schema import ConfigError
 
@@ -48,6 +48,18 @@ class JobConfig:
         return tomli_w.dumps(self.to_dict())
 
 
+def dense_input_spec(features: FeaturesConfig) -> DenseInputSpec:
+    """The model's dense input shape from the [features] section (what is bucketized, flags, sizes)."""
+    bucketized = tuple(i for i, n in enumerate(features.dense) if features.dense_transform_of(n) == "bucketize")
+    return DenseInputSpec(
+        num_features=len(features.dense),
+        bucketized=bucketized,
+        num_buckets=features.dense_buckets,
+        bucket_dim=features.dense_bucket_dim,
+        missing_flags=features.dense_missing_flags,
+    )
+
+
 def validate_job(cfg: JobConfig, world_size: int = 1) -> None:
     """Every section's own checks, then the rules that span sections. Raises ConfigError naming the key."""
     for section in (cfg.data, cfg.features, cfg.embeddings, cfg.model, cfg.training, cfg.parallelism, cfg.metrics):
@@ -65,6 +77,14 @@ def validate_job(cfg: JobConfig, world_size: int = 1) -> None:
             raise ConfigError("parallelism.ep_size > 1 needs moe.enabled = true (there are no experts to shard)")
         if m.num_tokens % ep:
             raise ConfigError(f"parallelism.ep_size ({ep}) must divide model.num_tokens ({m.num_tokens})")
+    has_valid = bool(cfg.data.valid) or cfg.data.valid_fraction > 0
+    if cfg.training.early_stopping and not has_valid:
+        raise ConfigError("training.early_stopping needs validation rows: set data.valid or data.valid_fraction")
+    task = cfg.training.early_stopping_metric.rsplit("/", 1)[0] if "/" in cfg.training.early_stopping_metric else ""
+    if task and task not in cfg.features.labels:
+        raise ConfigError(f"training.early_stopping_metric names task {task!r}; tasks: {cfg.features.labels}")
+    if cfg.features.dense and cfg.model.dense_proj_dim < 1:
+        raise ConfigError("model.dense_proj_dim must be >= 1 when there are dense features")
     tables = cfg.features.table_names()
     for key, names in (
         ("embeddings.table_sharding", list(emb.table_sharding)),

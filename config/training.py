@@ -19,6 +19,8 @@ DTYPES = ("fp32", "bf16")
 """`training.dtype`."""
 RESUME_MODES = ("auto", "never")
 """`training.resume` keywords (anything else is a checkpoint path)."""
+VALID_METRICS = {"auc": "max", "uauc": "max", "logloss": "min", "ne": "min"}
+"""Validation metrics early stopping can follow, and which way is better."""
 
 
 @dataclass
@@ -65,6 +67,19 @@ class TrainingConfig:
     """Deterministic algorithms (bit-exact resume on CPU)."""
     dtype: str = "fp32"
     """Compute dtype of the dense model: 'fp32' or 'bf16' (autocast; GPU)."""
+    early_stopping: bool = False
+    """Stop when the validation metric has not improved for early_stopping_patience evaluations (needs
+    data.valid or data.valid_fraction)."""
+    early_stopping_metric: str = "auc"
+    """Validation metric that picks the best checkpoint and drives early stopping: 'auc', 'uauc', 'logloss'
+    or 'ne' averaged over the tasks, or '<task>/<metric>' for one task."""
+    early_stopping_patience: int = 2
+    """Evaluations without improvement before training stops."""
+    early_stopping_min_delta: float = 0.0
+    """Smallest change of the metric that counts as an improvement."""
+    restore_best: bool = True
+    """With validation data, end with the weights of the best validation evaluation (kept in
+    checkpoints/best, apart from keep_last pruning) and score data.eval with them."""
 
     def validate(self) -> None:
         """Names known; every count, rate and cadence in range and finite."""
@@ -81,6 +96,10 @@ class TrainingConfig:
         check_range(self.keep_last, "training.keep_last", min=1)
         for name in ("warmup_steps", "eval_every", "eval_batches", "checkpoint_every"):
             check_range(getattr(self, name), f"training.{name}", min=0)
+        metric = self.early_stopping_metric.rsplit("/", 1)[-1]
+        check_one_of(metric, VALID_METRICS, "training.early_stopping_metric (its metric part)")
+        check_range(self.early_stopping_patience, "training.early_stopping_patience", min=1)
+        check_range(self.early_stopping_min_delta, "training.early_stopping_min_delta", min=0.0)
         if self.resume not in RESUME_MODES and not Path(self.resume).is_dir():
             raise ConfigError(
                 f"config key 'training.resume' = {self.resume!r}; expected {' or '.join(RESUME_MODES)} or the path of "

@@ -38,6 +38,12 @@ class EmbeddingsConfig:
     """Sparse learning rate (peak; follows the training schedule's shape)."""
     eps: float = 1e-8
     """Optimizer epsilon."""
+    l2: float = 0.0
+    """L2 penalty on the embeddings a batch looks up: l2 / 2 x the squared norm of each feature's pooled
+    embedding (for a one-id feature, the looked-up row itself), averaged over the batch's rows and added
+    to the loss (FuxiCTR's embedding_regularizer, counted per occurrence in the batch). It is a loss term,
+    not the fused optimizer's weight_decay: FBGEMM's CPU kernels ignore weight_decay (checked: the same
+    updates with and without it)."""
     managed_collision: list[str] = field(default_factory=list)
     """Tables whose ids go through TorchRec's managed-collision module (zero-collision hashing with
     eviction); their features should use `id_mapping = "raw"`."""
@@ -52,4 +58,5 @@ class EmbeddingsConfig:
         check_one_of(self.optimizer, SPARSE_OPTIMIZERS, "embeddings.optimizer")
         check_range(self.lr, "embeddings.lr", min=0.0, min_open=True)
         check_range(self.eps, "embeddings.eps", min=0.0, min_open=True)
+        check_range(self.l2, "embeddings.l2", min=0.0)
         check_range(self.mc_eviction_interval, "embeddings.mc_eviction_interval", min=1)

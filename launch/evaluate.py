@@ -22,7 +22,11 @@ from parallel.env import setup_env
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog="python -m launch.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory (--run-dir under torchrun)")
-    p.add_argument("--checkpoint", default="", help="a checkpoint directory (default: the latest complete one)")
+    p.add_argument(
+        "--checkpoint",
+        default="",
+        help="a checkpoint directory (default: checkpoints/best if the run kept one, else the latest complete one)",
+    )
     p.add_argument("--out", default="", help="where to write the result (default <run>/eval.json)")
     args, rest = p.parse_known_args(argv)
     if not any(a.split("=")[0] == "--training.eval_batches" for a in rest):

@@ -19,7 +19,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m launch.export", description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="run directory (config.toml + checkpoints/)")
     p.add_argument("--out", default="", help="artifact directory (default <run>/artifact[_int8])")
-    p.add_argument("--checkpoint", default="", help="a checkpoint directory (default: the latest complete one)")
+    p.add_argument(
+        "--checkpoint",
+        default="",
+        help="a checkpoint directory (default: checkpoints/best if the run kept one, else the latest complete one)",
+    )
     p.add_argument("--quantize", choices=("none", "int8"), default="none", help="int8: INT8 embedding tables")
     p.add_argument("--eval-data", default=None, help="labelled data to measure AUC on (default data.eval; '' skips)")
     args, rest = p.parse_known_args(argv)

@@ -232,17 +232,20 @@ class EvalAccumulator:
     on every rank ("count" = rows with weight > 0, "ctr" = weighted mean label).
     """
 
-    def __init__(self, tasks: list[str], device: torch.device | None = None) -> None:
+    def __init__(self, tasks: list[str], device: torch.device | None = None, users: bool = True) -> None:
         """
         Args:
             tasks: the K task names, in label-column order.
             device: where a rank without rows keeps its (empty) tensors for the all-gather; default
                 the first update's device, else CPU. Pass the training device under NCCL.
+            users: the user ids are real (features.user_id set); False: UAUC is NaN, not the AUC of one
+                "user" holding every row.
         """
         if not tasks:
             raise ValueError("EvalAccumulator: `tasks` is empty; expected the task names (features.labels)")
         self.tasks = list(tasks)
         self.device = device
+        self.users = users
         self.reset()
 
     def reset(self) -> None:
@@ -290,7 +293,7 @@ class EvalAccumulator:
             rate = float((y.to(torch.float64) * weights).sum()) / total if total > 0 else math.nan
             out[task] = {
                 "auc": auc(p, y, weights),
-                "uauc": uauc(p, y, users, weights),
+                "uauc": uauc(p, y, users, weights) if self.users else math.nan,
                 "logloss": logloss(p, y, weights),
                 "ne": normalized_entropy(p, y, weights),
                 "count": int(vals.shape[0]),

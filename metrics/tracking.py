@@ -102,10 +102,15 @@ def format_line(metrics: dict[str, Any], step: int, total_steps: int = 0) -> str
     train = [(k.split("/", 1)[1], _num(v)) for k, v in metrics.items() if k.startswith("train_auc/")]
     if train:
         parts.append("train auc " + " ".join(f"{t} {v:.4f}" for t, v in train if v is not None))
-    tasks = [k.split("/")[1] for k in metrics if k.startswith("eval/") and k.endswith("/auc") and k.count("/") == 2]
-    for task in tasks:
-        shown = [(name, _num(metrics.get(f"eval/{task}/{name}"))) for name in ("auc", "uauc", "ne")]
-        parts.append(f"eval {task} " + " ".join(f"{n} {v:.4f}" for n, v in shown if v is not None))
+    for split in ("valid", "eval"):
+        tasks = [
+            k.split("/")[1] for k in metrics if k.startswith(f"{split}/") and k.endswith("/auc") and k.count("/") == 2
+        ]
+        for task in tasks:
+            shown = [(name, _num(metrics.get(f"{split}/{task}/{name}"))) for name in ("auc", "uauc", "ne")]
+            parts.append(f"{split} {task} " + " ".join(f"{n} {v:.4f}" for n, v in shown if v is not None and v == v))
+    if _num(metrics.get("valid/best")) is not None:
+        parts.append(f"best {metrics['valid/best']:.4f}")
     return " | ".join(parts)
 
 

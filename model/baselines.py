@@ -1,8 +1,8 @@
 """The baselines RankMixer is measured against: DLRM-MLP and DCNv2, behind the zoo's interface.
 
 Both see exactly the inputs RankMixer sees: the pooled embeddings concatenated in semantic-group order
-(`sparse_BI`) and the raw dense features projected by one `Linear(N -> model.dense_proj_dim)`, the two
-joined into one vector `x0_BZ` of width I = E + dense_proj_dim (no dense projection when N = 0).
+(`sparse_BI`) and the dense features through the same `DenseInput` (transformed values projected to
+`model.dense_proj_dim`, plus bucket embeddings), the two joined into one vector `x0_BZ` of width Z.
 
     DLRMMLP: x0_BZ -> MLP (model.mlp_hidden, ReLU) -> one tower per task -> logits_BK
     DCNv2:   x0_BZ -> cross network (model.cross_layers full-rank layers) -> MLP -> towers   ("stacked")
@@ -25,55 +25,18 @@ M hidden width, K tasks.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from model.config import ModelConfig
+from model.config import DenseInputSpec, ModelConfig
+from model.dense_input import DenseInput
+from model.mlp import Towers, linear, linear_flops, mlp
 from model.output import ModelOutput
 
 DCN_STRUCTURES = ("stacked", "parallel")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _linear(in_dim: int, out_dim: int, gen: torch.Generator) -> nn.Linear:
-    """An `nn.Linear` initialised like PyTorch's default (U(-1/sqrt(in), 1/sqrt(in))) from `gen`.
-
-    `skip_init` builds the layer without drawing from the global RNG.
-    """
-    layer = nn.utils.skip_init(nn.Linear, in_dim, out_dim)
-    bound = 1.0 / math.sqrt(in_dim)
-    with torch.no_grad():
-        layer.weight.uniform_(-bound, bound, generator=gen)
-        layer.bias.uniform_(-bound, bound, generator=gen)
-    return layer
-
-
-def _mlp(in_dim: int, widths: list[int], gen: torch.Generator, *, final_activation: bool) -> nn.Sequential:
-    """Linear layers `in_dim -> widths[0] -> ... -> widths[-1]` with ReLU between them.
-
-    Args:
-        in_dim: input width.
-        widths: output width of every layer (empty gives an identity).
-        gen: generator for the initialisation.
-        final_activation: put a ReLU after the last layer too.
-    """
-    layers: list[nn.Module] = []
-    prev = in_dim
-    for i, width in enumerate(widths):
-        layers.append(_linear(prev, width, gen))
-        if i < len(widths) - 1 or final_activation:
-            layers.append(nn.ReLU())
-        prev = width
-    return nn.Sequential(*layers)
-
-
-def _linear_flops(module: nn.Module) -> float:
-    """Forward GEMM FLOPs per sample of every `nn.Linear` inside `module` (2 x in x out each)."""
-    return float(sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear)))
 
 
 def _check_widths(widths: list[int], key: str) -> None:
@@ -91,13 +54,14 @@ class _BaselineBase(nn.Module):
     body: nn.Module
 
     def __init__(
-        self, model: ModelConfig, *, sparse_dim: int, num_dense: int, num_tasks: int, gen: torch.Generator
+        self, model: ModelConfig, *, sparse_dim: int, dense: DenseInputSpec, num_tasks: int, gen: torch.Generator
     ) -> None:
         super().__init__()
+        num_dense = dense.num_features
         if sparse_dim <= 0:
-            raise ValueError(f"model/baselines.py: sparse_dim (pooled embedding width E) must be > 0, got {sparse_dim}")
+            raise ValueError(f"model/baselines.py: sparse_dim (pooled embedding width I) must be > 0, got {sparse_dim}")
         if num_dense < 0:
-            raise ValueError(f"model/baselines.py: num_dense (features.dense count) must be >= 0, got {num_dense}")
+            raise ValueError(f"model/baselines.py: features.dense count must be >= 0, got {num_dense}")
         if num_tasks <= 0:
             raise ValueError(f"model/baselines.py: num_tasks (label columns) must be > 0, got {num_tasks}")
         if num_dense > 0 and model.dense_proj_dim <= 0:
@@ -109,14 +73,12 @@ class _BaselineBase(nn.Module):
         self.sparse_dim = sparse_dim
         self.num_dense = num_dense
         self.num_tasks = num_tasks
-        self.dense_proj = _linear(num_dense, model.dense_proj_dim, gen) if num_dense > 0 else None
-        self.input_dim = sparse_dim + (model.dense_proj_dim if num_dense > 0 else 0)
+        self.dense_input = DenseInput(dense, model.dense_proj_dim, gen) if num_dense > 0 else None
+        self.input_dim = sparse_dim + (self.dense_input.out_width if self.dense_input is not None else 0)
 
-    def _build_towers(self, in_dim: int, tower_hidden: list[int], gen: torch.Generator) -> None:
-        """One MLP per task: `in_dim -> tower_hidden... -> 1` (ReLU between layers)."""
-        self.towers = nn.ModuleList(
-            _mlp(in_dim, [*tower_hidden, 1], gen, final_activation=False) for _ in range(self.num_tasks)
-        )
+    def _build_towers(self, in_dim: int, model: ModelConfig, gen: torch.Generator) -> None:
+        """One MLP per task: `in_dim -> model.tower_hidden... -> 1` (model.dropout / batch_norm on hidden layers)."""
+        self.towers = Towers(in_dim, list(model.tower_hidden), self.num_tasks, gen, model.dropout, model.batch_norm)
 
     def _inputs(self, sparse_BI: torch.Tensor, dense_BF: torch.Tensor) -> torch.Tensor:
         """Concatenate the pooled embeddings and the projected dense features.
@@ -139,9 +101,9 @@ class _BaselineBase(nn.Module):
                 f"model/baselines.py: {name} expects dense_BF of shape {sparse_BI.shape[0]} x {self.num_dense}, "
                 f"got {tuple(dense_BF.shape)}"
             )
-        if self.dense_proj is None:
+        if self.dense_input is None:
             return sparse_BI
-        return torch.cat([sparse_BI, self.dense_proj(dense_BF.to(sparse_BI.dtype))], dim=1)
+        return torch.cat([sparse_BI, self.dense_input(dense_BF).to(sparse_BI.dtype)], dim=1)
 
     def forward(self, sparse_BI: torch.Tensor, dense_BF: torch.Tensor) -> ModelOutput:
         """Score a batch.
@@ -154,12 +116,13 @@ class _BaselineBase(nn.Module):
             ModelOutput with logits_BK (B x K), reg_loss = 0 (scalar), stats = {}.
         """
         h_BM = self.body(self._inputs(sparse_BI, dense_BF))
-        logits_BK = torch.cat([tower(h_BM) for tower in self.towers], dim=1)
+        logits_BK = self.towers(h_BM)
         return ModelOutput(logits_BK=logits_BK, reg_loss=logits_BK.new_zeros(()), stats={})
 
     def flops_per_sample(self, training: bool = False) -> float:
         """Analytic forward GEMM FLOPs per sample (multiply-add = 2); training=True gives 3 x forward."""
-        return _linear_flops(self) * (3.0 if training else 1.0)
+        dense = self.dense_input.flops_per_sample() if self.dense_input is not None else 0.0
+        return (linear_flops(self) + dense) * (3.0 if training else 1.0)
 
     def num_params(self) -> int:
         """Number of trainable parameters."""
@@ -175,21 +138,27 @@ class DLRMMLP(_BaselineBase):
     Args:
         model: the `model` config section (mlp_hidden, tower_hidden, dense_proj_dim are read).
         sparse_dim: E, width of the pooled embedding vector.
-        num_dense: N, number of raw dense features.
+        dense: the dense input's shape (F features, bucketized ones, missing flags).
         num_tasks: K, number of tasks (one tower and one logit each).
         seed: seed of the local generator used for initialisation.
 
     Example:
-        >>> m = DLRMMLP(ModelConfig(mlp_hidden=[32], tower_hidden=[8]), sparse_dim=12, num_dense=3, num_tasks=2)
+        >>> cfg = ModelConfig(mlp_hidden=[32], tower_hidden=[8])
+        >>> m = DLRMMLP(cfg, sparse_dim=12, dense=DenseInputSpec(3), num_tasks=2)
         >>> m(torch.randn(5, 12), torch.randn(5, 3)).logits_BK.shape
         torch.Size([5, 2])
     """
 
-    def __init__(self, model: ModelConfig, *, sparse_dim: int, num_dense: int, num_tasks: int, seed: int = 0) -> None:
+    def __init__(
+        self, model: ModelConfig, *, sparse_dim: int, dense: DenseInputSpec, num_tasks: int, seed: int = 0
+    ) -> None:
         gen = torch.Generator().manual_seed(seed)
-        super().__init__(model, sparse_dim=sparse_dim, num_dense=num_dense, num_tasks=num_tasks, gen=gen)
-        self.body = _mlp(self.input_dim, list(model.mlp_hidden), gen, final_activation=True)
-        self._build_towers(model.mlp_hidden[-1] if model.mlp_hidden else self.input_dim, list(model.tower_hidden), gen)
+        super().__init__(model, sparse_dim=sparse_dim, dense=dense, num_tasks=num_tasks, gen=gen)
+        self.body = mlp(
+            self.input_dim, list(model.mlp_hidden), gen, final_activation=True, dropout=model.dropout,
+            batch_norm=model.batch_norm,
+        )  # fmt: skip
+        self._build_towers(model.mlp_hidden[-1] if model.mlp_hidden else self.input_dim, model, gen)
 
 
 # ----------------------------------------------------------------------------- DCNv2
@@ -205,10 +174,10 @@ class CrossLayer(nn.Module):
 
     def __init__(self, width: int, gen: torch.Generator) -> None:
         super().__init__()
-        self.linear = _linear(width, width, gen)
+        self.linear = linear(width, width, gen)
 
     def forward(self, x0_BZ: torch.Tensor, xl_BZ: torch.Tensor) -> torch.Tensor:
-        """Args: x0_BZ, xl_BZ: B x I. Returns x_{l+1}: B x I."""
+        """Args: x0_BZ, xl_BZ: B x Z. Returns x_{l+1}: B x Z."""
         return x0_BZ * self.linear(xl_BZ) + xl_BZ
 
 
@@ -221,13 +190,17 @@ class DCNv2Body(nn.Module):
         mlp_hidden: hidden widths of the deep MLP (ReLU after every layer).
         structure: "stacked" (cross -> MLP) or "parallel" (concat(cross(x0), MLP(x0))).
         gen: generator for the initialisation.
+        dropout, batch_norm: on the deep MLP's hidden layers (`model.mlp.mlp`).
     """
 
-    def __init__(self, width: int, cross_layers: int, mlp_hidden: list[int], structure: str, gen: torch.Generator):
+    def __init__(
+        self, width: int, cross_layers: int, mlp_hidden: list[int], structure: str, gen: torch.Generator,
+        dropout: float = 0.0, batch_norm: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.structure = structure
         self.cross = nn.ModuleList(CrossLayer(width, gen) for _ in range(cross_layers))
-        self.mlp = _mlp(width, mlp_hidden, gen, final_activation=True)
+        self.mlp = mlp(width, mlp_hidden, gen, final_activation=True, dropout=dropout, batch_norm=batch_norm)
         deep_out = mlp_hidden[-1] if mlp_hidden else width
         self.out_dim = deep_out if structure == "stacked" else width + deep_out
 
@@ -254,13 +227,13 @@ class DCNv2(_BaselineBase):
     Args:
         model: the `model` config section (cross_layers, mlp_hidden, tower_hidden, dense_proj_dim are read).
         sparse_dim: E, width of the pooled embedding vector.
-        num_dense: N, number of raw dense features.
+        dense: the dense input's shape (F features, bucketized ones, missing flags).
         num_tasks: K, number of tasks.
         seed: seed of the local generator used for initialisation.
         structure: "stacked" or "parallel".
 
     Example:
-        >>> m = DCNv2(ModelConfig(cross_layers=2, mlp_hidden=[32]), sparse_dim=12, num_dense=3, num_tasks=2)
+        >>> m = DCNv2(ModelConfig(cross_layers=2, mlp_hidden=[32]), sparse_dim=12, dense=DenseInputSpec(3), num_tasks=2)
         >>> m(torch.randn(5, 12), torch.randn(5, 3)).logits_BK.shape
         torch.Size([5, 2])
     """
@@ -270,7 +243,7 @@ class DCNv2(_BaselineBase):
         model: ModelConfig,
         *,
         sparse_dim: int,
-        num_dense: int,
+        dense: DenseInputSpec,
         num_tasks: int,
         seed: int = 0,
         structure: str = "stacked",
@@ -282,6 +255,8 @@ class DCNv2(_BaselineBase):
         if structure not in DCN_STRUCTURES:
             raise ValueError(f"model/baselines.py: DCNv2 structure must be one of {DCN_STRUCTURES}, got {structure!r}")
         gen = torch.Generator().manual_seed(seed)
-        super().__init__(model, sparse_dim=sparse_dim, num_dense=num_dense, num_tasks=num_tasks, gen=gen)
-        self.body = DCNv2Body(self.input_dim, model.cross_layers, list(model.mlp_hidden), structure, gen)
-        self._build_towers(self.body.out_dim, list(model.tower_hidden), gen)
+        super().__init__(model, sparse_dim=sparse_dim, dense=dense, num_tasks=num_tasks, gen=gen)
+        self.body = DCNv2Body(
+            self.input_dim, model.cross_layers, list(model.mlp_hidden), structure, gen, model.dropout, model.batch_norm
+        )
+        self._build_towers(self.body.out_dim, model, gen)

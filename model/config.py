@@ -19,6 +19,27 @@ MODEL_NAMES = (
     "dcnv2",
 )
 """`model.name`: the zoo (`model.zoo.MODELS` has exactly these keys)."""
+
+
+@dataclass(frozen=True)
+class DenseInputSpec:
+    """The shape of a model's dense input (`model.dense_input.DenseInput`), from the [features] section.
+
+    Attributes:
+        num_features: F, dense columns (features.dense).
+        bucketized: indices of the features fed as bucket embeddings instead of as values.
+        num_buckets: equal-frequency buckets per bucketized feature (+ one row for missing values).
+        bucket_dim: width of a bucket embedding.
+        missing_flags: add one 0/1 "was missing" input per dense feature.
+    """
+
+    num_features: int
+    bucketized: tuple[int, ...] = ()
+    num_buckets: int = 128
+    bucket_dim: int = 8
+    missing_flags: bool = False
+
+
 MIXINGS = ("paper", "article")
 """`model.mixing`."""
 ROUTERS = ("relu", "topk")
@@ -58,6 +79,11 @@ class ModelConfig:
     """DCNv2 cross layers."""
     attn_heads: int = 0
     """Heads of the self-attention baseline; 0 = num_tokens."""
+    dropout: float = 0.0
+    """Dropout on hidden layers: the towers' and MLPs' hidden layers, RankMixer's per-token FFN hidden layer."""
+    batch_norm: bool = False
+    """BatchNorm1d on the towers' and MLPs' hidden layers (running statistics averaged over ranks before
+    evaluation and checkpoints)."""
 
     def validate(self) -> None:
         """Names known, sizes positive, D divisible by T (and by the attention heads)."""
@@ -67,6 +93,7 @@ class ModelConfig:
             check_range(getattr(self, name), f"model.{name}", min=1)
         check_range(self.cross_layers, "model.cross_layers", min=0)
         check_range(self.attn_heads, "model.attn_heads", min=0)
+        check_range(self.dropout, "model.dropout", min=0.0, max=1.0, max_open=True)
         if self.d_model % self.num_tokens:
             raise ConfigError(
                 f"model.d_model ({self.d_model}) must be divisible by model.num_tokens ({self.num_tokens}): "

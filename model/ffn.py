@@ -26,6 +26,7 @@ class PerTokenFFN(nn.Module):
         d_model: D.
         mult: k.
         gen: generator for the initialisation (nn.Linear's default bounds).
+        dropout: dropout on the hidden activations (model.dropout).
 
     Example:
         >>> ffn = PerTokenFFN(4, 8, 2, torch.Generator().manual_seed(0))
@@ -33,10 +34,11 @@ class PerTokenFFN(nn.Module):
         torch.Size([4, 3, 8])
     """
 
-    def __init__(self, num_tokens: int, d_model: int, mult: int, gen: torch.Generator) -> None:
+    def __init__(self, num_tokens: int, d_model: int, mult: int, gen: torch.Generator, dropout: float = 0.0) -> None:
         super().__init__()
         T, D, M = num_tokens, d_model, mult * d_model
         self.num_tokens, self.d_model, self.mult = T, D, mult
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.w1 = uniform_param((T, D, M), D, gen)  # T x D x M (in x out, token-major)
         self.b1 = uniform_param((T, 1, M), D, gen)
         self.w2 = uniform_param((T, M, D), M, gen)
@@ -44,7 +46,7 @@ class PerTokenFFN(nn.Module):
 
     def forward(self, s_TBD: Tensor) -> Tensor:
         """s_TBD: T x B x D -> v_TBD: T x B x D."""
-        h_TBM = F.gelu(torch.baddbmm(self.b1, s_TBD, self.w1))
+        h_TBM = self.dropout(F.gelu(torch.baddbmm(self.b1, s_TBD, self.w1)))
         return torch.baddbmm(self.b2, h_TBM, self.w2)
 
     def flops_per_sample(self) -> float:
@@ -62,10 +64,11 @@ class SharedFFN(nn.Module):
         gen: generator for the initialisation.
     """
 
-    def __init__(self, num_tokens: int, d_model: int, mult: int, gen: torch.Generator) -> None:
+    def __init__(self, num_tokens: int, d_model: int, mult: int, gen: torch.Generator, dropout: float = 0.0) -> None:
         super().__init__()
         D, M = d_model, mult * d_model
         self.num_tokens, self.d_model, self.mult = num_tokens, D, mult
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.w1 = uniform_param((D, M), D, gen)
         self.b1 = uniform_param((M,), D, gen)
         self.w2 = uniform_param((M, D), M, gen)
@@ -74,7 +77,7 @@ class SharedFFN(nn.Module):
     def forward(self, s_TBD: Tensor) -> Tensor:
         """s_TBD: T x B x D -> v_TBD: T x B x D (one GEMM over all T x B rows per layer)."""
         T, B, D = s_TBD.shape
-        h_NM = F.gelu(torch.addmm(self.b1, s_TBD.reshape(T * B, D), self.w1))
+        h_NM = self.dropout(F.gelu(torch.addmm(self.b1, s_TBD.reshape(T * B, D), self.w1)))
         return torch.addmm(self.b2, h_NM, self.w2).view(T, B, D)
 
     def flops_per_sample(self) -> float:

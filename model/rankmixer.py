@@ -21,10 +21,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from model.config import MIXINGS, ModelConfig, MoEConfig
+from model.config import MIXINGS, DenseInputSpec, ModelConfig, MoEConfig
 from model.ffn import PerTokenFFN, SharedFFN
-from model.init import uniform_param
 from model.mixing import ArticleMixing, IdentityMixing, SelfAttention, TokenMixing, check_heads
+from model.mlp import Towers
 from model.moe import PerTokenMoE, moe_layers
 from model.output import ModelOutput
 from model.tokenizer import Tokenizer
@@ -60,44 +60,6 @@ class Block(nn.Module):
         return self.mixer.flops_per_sample() + f
 
 
-class Towers(nn.Module):
-    """One MLP per task: D -> hidden... -> 1 (ReLU between layers).
-
-    Args:
-        d_in: input width.
-        hidden: hidden widths.
-        num_tasks: K.
-        gen: generator for the initialisation.
-    """
-
-    def __init__(self, d_in: int, hidden: list[int], num_tasks: int, gen: torch.Generator) -> None:
-        super().__init__()
-        if any(int(h) < 1 for h in hidden):
-            raise ValueError(f"model/rankmixer.py: model.tower_hidden must hold positive widths, got {list(hidden)}")
-        self.widths = [d_in, *hidden, 1]
-        self.towers = nn.ModuleList()
-        for _ in range(num_tasks):
-            tower = nn.ModuleList()
-            for a, b in zip(self.widths[:-1], self.widths[1:]):
-                lin = nn.utils.skip_init(nn.Linear, a, b)
-                lin.weight, lin.bias = uniform_param((b, a), a, gen), uniform_param((b,), a, gen)
-                tower.append(lin)
-            self.towers.append(tower)
-
-    def forward(self, h_BD: Tensor) -> Tensor:
-        """h_BD: B x D -> logits_BK: B x K."""
-        outs = []
-        for tower in self.towers:
-            z = h_BD
-            for i, lin in enumerate(tower):
-                z = lin(z) if i == len(tower) - 1 else torch.relu(lin(z))
-            outs.append(z)
-        return torch.cat(outs, dim=1)
-
-    def flops_per_sample(self) -> float:
-        return 2.0 * len(self.towers) * sum(a * b for a, b in zip(self.widths[:-1], self.widths[1:]))
-
-
 class RankMixer(nn.Module):
     """RankMixer and its ablations behind the zoo interface.
 
@@ -105,14 +67,15 @@ class RankMixer(nn.Module):
         model: the `model` config section.
         moe: the `moe` config section (experts replace the FFN when `moe.enabled`).
         sparse_dim: E, width of the pooled embeddings.
-        num_dense: N, raw dense features.
+        dense: the dense input's shape (F features, bucketized ones, missing flags).
         num_tasks: K.
         seed: initialisation seed.
         mixer: "tokens" (per `model.mixing`), "identity" (no-mixing ablation) or "attention".
         shared_ffn: one FFN shared by all tokens (ablation; ignored when MoE is on).
 
     Example:
-        >>> m = RankMixer(ModelConfig(num_tokens=4, d_model=16), MoEConfig(), sparse_dim=40, num_dense=3, num_tasks=2)
+        >>> cfg = ModelConfig(num_tokens=4, d_model=16)
+        >>> m = RankMixer(cfg, MoEConfig(), sparse_dim=40, dense=DenseInputSpec(3), num_tasks=2)
         >>> m(torch.randn(5, 40), torch.randn(5, 3)).logits_BK.shape
         torch.Size([5, 2])
     """
@@ -123,7 +86,7 @@ class RankMixer(nn.Module):
         moe: MoEConfig,
         *,
         sparse_dim: int,
-        num_dense: int,
+        dense: DenseInputSpec,
         num_tasks: int,
         seed: int = 0,
         mixer: str = "tokens",
@@ -144,7 +107,7 @@ class RankMixer(nn.Module):
             raise ValueError(f"model/rankmixer.py: num_tasks (label columns) must be >= 1, got {num_tasks}")
         gen = torch.Generator().manual_seed(seed)
         self.cfg, self.moe_cfg, self.num_tasks = model, moe, num_tasks
-        self.tokenizer = Tokenizer(sparse_dim, num_dense, model, gen)
+        self.tokenizer = Tokenizer(sparse_dim, dense, model, gen)
         blocks = []
         for layer in range(L):
             if mixer == "identity":
@@ -158,12 +121,12 @@ class RankMixer(nn.Module):
             if moe.enabled:
                 ffn: nn.Module = PerTokenMoE(T, D, moe, layer=layer, seed=seed, gen=gen)
             elif shared_ffn:
-                ffn = SharedFFN(T, D, k, gen)
+                ffn = SharedFFN(T, D, k, gen, dropout=model.dropout)
             else:
-                ffn = PerTokenFFN(T, D, k, gen)
+                ffn = PerTokenFFN(T, D, k, gen, dropout=model.dropout)
             blocks.append(Block(mix, ffn, D))
         self.blocks = nn.ModuleList(blocks)
-        self.towers = Towers(D, list(model.tower_hidden), num_tasks, gen)
+        self.towers = Towers(D, list(model.tower_hidden), num_tasks, gen, model.dropout, model.batch_norm)
 
     def forward(self, sparse_BI: Tensor, dense_BF: Tensor) -> ModelOutput:
         """Score a batch.

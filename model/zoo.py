@@ -1,11 +1,11 @@
 """The model zoo: the one dict of model names and `build_model`.
 
-    model = build_model(cfg.model, cfg.moe, sparse_dim=400, num_dense=8, num_tasks=2, seed=0)
+    model = build_model(cfg.model, cfg.moe, sparse_dim=400, dense=DenseInputSpec(8), num_tasks=2, seed=0)
     out = model(sparse_BI, dense_BF)          # ModelOutput(logits_BK, reg_loss, stats)
     model.flops_per_sample(training=True)     # analytic FLOPs per sample (multiply-add = 2)
     model.num_params()                        # dense-model parameters, experts counted globally
 
-Every builder takes (model, moe, *, sparse_dim, num_dense, num_tasks, seed) and initialises from local
+Every builder takes (model, moe, *, sparse_dim, dense, num_tasks, seed) and initialises from local
 generators seeded by `seed` (the global RNG is never drawn from), so every rank builds identical
 weights, and expert weights do not depend on the expert-parallel size.
 
@@ -19,28 +19,26 @@ from collections.abc import Callable
 from torch import nn
 
 from model.baselines import DLRMMLP, DCNv2
-from model.config import MODEL_NAMES, ModelConfig, MoEConfig
+from model.config import MODEL_NAMES, DenseInputSpec, ModelConfig, MoEConfig
 from model.rankmixer import RankMixer
 
 
 def _rankmixer(**variant: object) -> Callable[..., nn.Module]:
     def build(
-        model: ModelConfig, moe: MoEConfig, *, sparse_dim: int, num_dense: int, num_tasks: int, seed: int = 0
+        model: ModelConfig, moe: MoEConfig, *, sparse_dim: int, dense: DenseInputSpec, num_tasks: int, seed: int = 0
     ) -> nn.Module:
-        return RankMixer(
-            model, moe, sparse_dim=sparse_dim, num_dense=num_dense, num_tasks=num_tasks, seed=seed, **variant
-        )
+        return RankMixer(model, moe, sparse_dim=sparse_dim, dense=dense, num_tasks=num_tasks, seed=seed, **variant)
 
     return build
 
 
 def _baseline(cls: type[nn.Module]) -> Callable[..., nn.Module]:
     def build(
-        model: ModelConfig, moe: MoEConfig, *, sparse_dim: int, num_dense: int, num_tasks: int, seed: int = 0
+        model: ModelConfig, moe: MoEConfig, *, sparse_dim: int, dense: DenseInputSpec, num_tasks: int, seed: int = 0
     ) -> nn.Module:
         if moe.enabled:
             raise ValueError(f"model/zoo.py: moe.enabled needs a RankMixer model, not model.name = {model.name!r}")
-        return cls(model, sparse_dim=sparse_dim, num_dense=num_dense, num_tasks=num_tasks, seed=seed)
+        return cls(model, sparse_dim=sparse_dim, dense=dense, num_tasks=num_tasks, seed=seed)
 
     return build
 
@@ -57,7 +55,7 @@ assert tuple(MODELS) == MODEL_NAMES, "model/zoo.py: MODELS must list exactly mod
 
 
 def build_model(
-    model: ModelConfig, moe: MoEConfig, *, sparse_dim: int, num_dense: int, num_tasks: int, seed: int = 0
+    model: ModelConfig, moe: MoEConfig, *, sparse_dim: int, dense: DenseInputSpec, num_tasks: int, seed: int = 0
 ) -> nn.Module:
     """Build the zoo model `model.name`.
 
@@ -65,7 +63,7 @@ def build_model(
         model: the `model` config section (name picks the entry of MODELS).
         moe: the `moe` config section.
         sparse_dim: E, width of the pooled embeddings concatenated in semantic-group order.
-        num_dense: N, raw dense features.
+        dense: the dense input's shape (F features, bucketized ones, missing flags).
         num_tasks: K, label columns (one tower each).
         seed: initialisation seed (same weights for the same seed, on every rank).
 
@@ -74,4 +72,4 @@ def build_model(
     """
     if model.name not in MODELS:
         raise ValueError(f"model/zoo.py: config key model.name = {model.name!r}; expected one of: {', '.join(MODELS)}")
-    return MODELS[model.name](model, moe, sparse_dim=sparse_dim, num_dense=num_dense, num_tasks=num_tasks, seed=seed)
+    return MODELS[model.name](model, moe, sparse_dim=sparse_dim, dense=dense, num_tasks=num_tasks, seed=seed)

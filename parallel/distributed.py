@@ -87,3 +87,38 @@ def destroy() -> None:
     """Tear down the default process group (the entry point that created it calls this)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's `obj` (picklable), in rank order; [obj] without a process group."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank `src`'s `obj` on every rank (picklable); `obj` itself without a process group."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def average_buffers(module: torch.nn.Module, names: tuple[str, ...] = ("running_mean", "running_var")) -> None:
+    """Average the named floating buffers (batch-norm running statistics) over all ranks, in place, so
+    every rank evaluates and checkpoints the same model. Collective; a no-op without a process group."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    bufs = [b for n, b in module.named_buffers() if n.rsplit(".", 1)[-1] in names and b.is_floating_point()]
+    if not bufs:
+        return
+    flat = torch.cat([b.reshape(-1) for b in bufs])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for b in bufs:
+        b.copy_(flat[offset : offset + b.numel()].view_as(b))
+        offset += b.numel()

@@ -6,7 +6,7 @@ sparse (KeyedJaggedTensor, keys = features.sparse names in config order):
     u0       | [17]     | [3]      |
     s_item   | [4, 9]   | []       |
 
-dense   B x F   float32 (features.dense, repaired: NaN/inf/null -> 0)
+dense   B x F   float32 (features.dense; missing values: NaN, filled by the model's dense input)
 labels  B x K   float32 in {0, 1} (features.labels, one column per task)
 weights B       float32: 1 for real rows, 0 for padding rows (data.drop_last = false)
 user_ids B      int64 (features.user_id; zeros when not configured)

@@ -20,6 +20,9 @@ POOLINGS = ("sum", "mean")
 """`features.sparse[i].pooling`: how a bag of ids becomes one vector ('' picks by max_len)."""
 BAD_FILE_POLICIES = ("error", "skip")
 """`data.on_bad_file`."""
+DENSE_TRANSFORMS = ("auto", "standardize", "log1p", "clip", "bucketize", "none")
+"""`features.dense_transform` / `dense_transforms`: how a dense feature reaches the model (see
+`pipeline.dense_prep`, which turns each into the model's transform parameters)."""
 
 
 @dataclass
@@ -80,14 +83,48 @@ class FeaturesConfig:
     user_id: str = "user_id"
     """Column with the user id (int64), used for UAUC; empty disables UAUC."""
     dense: list[str] = field(default_factory=list)
-    """Dense float columns (NaN/inf/null are replaced by 0 and counted)."""
+    """Dense numeric columns (float or int). Null / NaN / inf values are missing: counted, and filled by
+    the model's dense input (the training mean; see dense_missing_flags)."""
+    dense_transform: str = "auto"
+    """Transform of every dense feature unless dense_transforms names it: 'auto' (heavy-tailed non-negative
+    features -> 'log1p', else 'standardize'; the choice is printed and written to the run directory),
+    'standardize' ((x - mean) / std), 'log1p' (sign(x) log1p(|x|), then standardized), 'clip' (clipped at
+    the dense_clip_quantile and 1 - dense_clip_quantile quantiles, then standardized), 'bucketize'
+    (dense_buckets equal-frequency buckets, fed as an embedding), 'none' (raw values, missing -> 0).
+    Statistics come from one pass over the training rows."""
+    dense_transforms: dict[str, str] = field(default_factory=dict)
+    """Per-feature transform, e.g. {capital_gain = "bucketize"}."""
+    dense_buckets: int = 128
+    """Equal-frequency buckets of a 'bucketize' feature (one more embedding row holds missing values)."""
+    dense_bucket_dim: int = 8
+    """Embedding width of a bucketized feature."""
+    dense_clip_quantile: float = 0.001
+    """'clip' bounds: this quantile and 1 minus it."""
+    dense_missing_flags: bool = False
+    """Add a 0/1 'was missing' input per dense feature."""
     groups: list[str] = field(default_factory=lambda: ["user", "item", "context", "sequence"])
     """Semantic group order used by tokenization."""
     sparse: list[SparseFeature] = field(default_factory=list)
     """Categorical and sequence features, as [[features.sparse]] tables."""
 
+    def dense_transform_of(self, name: str) -> str:
+        """The configured (unresolved: 'auto' stays 'auto') transform of dense feature `name`."""
+        return self.dense_transforms.get(name, self.dense_transform)
+
     def validate(self) -> None:
-        """Labels and features present, names unique, shared tables consistent."""
+        """Labels and features present, names unique, shared tables consistent, dense transforms known."""
+        check_one_of(self.dense_transform, DENSE_TRANSFORMS, "features.dense_transform")
+        for name, kind in self.dense_transforms.items():
+            if name not in self.dense:
+                raise ConfigError(
+                    f"features.dense_transforms names {name!r}, which is not in features.dense {self.dense}"
+                )
+            check_one_of(kind, DENSE_TRANSFORMS, f"features.dense_transforms.{name}")
+        check_range(self.dense_buckets, "features.dense_buckets", min=2)
+        check_range(self.dense_bucket_dim, "features.dense_bucket_dim", min=1)
+        check_range(
+            self.dense_clip_quantile, "features.dense_clip_quantile", min=0.0, max=0.5, min_open=True, max_open=True
+        )
         if not self.labels:
             raise ConfigError("config key 'features.labels' must name at least one label column (one per task)")
         if not self.sparse and not self.dense:
@@ -119,7 +156,14 @@ class DataConfig:
     train: str = "data/default/train"
     """Training data: a directory, glob, file, or URI (file://, s3://, gs://, hdfs://)."""
     eval: str = "data/default/eval"
-    """Held-out data for evaluation (same forms as `train`); empty disables evaluation."""
+    """Held-out test data (same forms as `train`), evaluated at the end (with the best weights when there
+    is validation data); empty disables it. Without validation data it is also what eval_every scores."""
+    valid: str = ""
+    """Validation data (same forms as `train`): scored every training.eval_every steps and at every epoch
+    end, for early stopping and the best checkpoint. Empty: see valid_fraction."""
+    valid_fraction: float = 0.0
+    """Carve validation rows out of `train` instead: the last fraction of its rows in file / row-group
+    order (deterministic; those rows are never trained on). 0 = no carve."""
     batch_size: int = 256
     """Rows per batch on each rank (the global batch is batch_size x world size)."""
     eval_batch_size: int = 1024
@@ -150,6 +194,9 @@ class DataConfig:
         """Paths present, sizes and counts in range, names known."""
         if not self.train:
             raise ConfigError("config key 'data.train' is empty; expected a directory, glob, file or URI")
+        check_range(self.valid_fraction, "data.valid_fraction", min=0.0, max=1.0, max_open=True)
+        if self.valid and self.valid_fraction > 0:
+            raise ConfigError("data.valid and data.valid_fraction are both set; pick one source of validation rows")
         for name in ("batch_size", "eval_batch_size", "shuffle_window", "prefetch_row_groups"):
             check_range(getattr(self, name), f"data.{name}", min=1)
         check_range(self.num_workers, "data.num_workers", min=0)

@@ -8,7 +8,8 @@ decoded them whenever they can (zero-copy: no nulls, int64 ids, float32 dense va
 else is repaired into new arrays here and counted per row (so every batch knows exactly what it
 carried): null dense/id/user values -> 0 or an empty bag (`nulls_repaired`), ids hashed into range by
 'modulo' mapping (`ids_out_of_range`), strings hashed to int64, lists truncated to their last max_len
-ids. NaN/inf dense values are repaired and counted on their way into a block (`native.fill_rows`).
+ids. Missing dense values (null, NaN, inf) stay NaN and are counted on their way into a block
+(`native.fill_rows`, `dense_missing`); the model's dense input fills them (`model.dense_input`).
 Ids of 'hash' features stay raw: the compiled pass hashes them as it lays them out. Labels are
 validated by the reader (file and row group known), never repaired.
 """
@@ -24,7 +25,7 @@ import pyarrow.compute as pc
 from pipeline.config import DataConfig, FeaturesConfig, SparseFeature
 from pipeline.ids import hash_strings, map_ids_into
 
-HEALTH = ("dense_nonfinite_repaired", "nulls_repaired", "ids_out_of_range")
+HEALTH = ("dense_missing", "nulls_repaired", "ids_out_of_range")
 """Per-row repair counters, in this column order."""
 NONFINITE, _NULLS, _OOR = range(3)
 
@@ -161,6 +162,17 @@ def _sparse(arr: pa.Array, sf: SparseFeature, health: _Health) -> tuple[np.ndarr
     return ids, offsets
 
 
+def _dense_column(arr: pa.Array) -> np.ndarray:
+    """A dense feature column as contiguous float32 (zero-copy when it already is), nulls -> NaN: a missing
+    value, counted with NaN / inf on its way into a block and filled by the model's dense input."""
+    if arr.null_count:
+        missing = ~np.asarray(arr.is_valid())
+        out = np.array(_np(arr.fill_null(0)), dtype=np.float32)
+        out[missing] = np.nan
+        return out
+    return np.ascontiguousarray(_np(arr), dtype=np.float32)
+
+
 def _column(arr: pa.Array, dtype: type, health: _Health) -> np.ndarray:
     """A flat column as contiguous `dtype` values, nulls -> 0 (counted)."""
     if arr.null_count:
@@ -178,7 +190,7 @@ def decode_piece(table: pa.Table, data: DataConfig, features: FeaturesConfig) ->
     n = table.num_rows
     cols = {name: _one(col) for name, col in zip(table.column_names, table.columns)}
     health = _Health(n)
-    dense = [_column(cols[name], np.float32, health) for name in features.dense]
+    dense = [_dense_column(cols[name]) for name in features.dense]
     labels = [_column(cols[name], np.float32, health) for name in features.labels]
     user = _column(cols[features.user_id], np.int64, health) if features.user_id else None
     row = _column(cols[data.row_id_column], np.int64, health) if data.row_id_column else None

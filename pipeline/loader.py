@@ -335,7 +335,7 @@ class ParquetLoader:
 
     # ----------------------------------------------------------------------------------- health
     def stats(self) -> dict[str, int]:
-        """Data-health counters on this rank so far (across epochs and resumes): dense_nonfinite_repaired,
+        """Data-health counters on this rank so far (across epochs and resumes): dense_missing,
         nulls_repaired, ids_out_of_range, padded_rows, rows (real rows read), bad_files_skipped."""
         return {**self._stats, "bad_files_skipped": len(self.plan.skipped)}
 

@@ -223,8 +223,9 @@ int64_t rm_fill_sparse(int64_t nb, int64_t bsz, int64_t n_real, int64_t s_total,
  * ids in output order (batch j holds order[j*bsz .. j*bsz + m_j)), padding rows after them (zero
  * dense values, labels and weight, user id 0, row id -1), and per-batch counters.
  *
- *   dense     n_dense x n_parts addresses of float32 columns; non-finite values become 0 and are
- *             counted in stats[j][i_nonfinite]
+ *   dense     n_dense x n_parts addresses of float32 columns; non-finite values (missing: null, NaN,
+ *             inf) are written as NaN, for the model's dense input to fill, and counted in
+ *             stats[j][i_nonfinite]
  *   labels    n_labels x n_parts addresses of float32 columns
  *   user      n_parts addresses of int64 user ids (0: user id 0)
  *   row       n_parts addresses of int64 row ids (0: no row-id column, row id -1)
@@ -255,7 +256,7 @@ void rm_fill_rows(int64_t nb, int64_t bsz, int64_t n_real, const int64_t *plan, 
                 const float x = ((const float *)(uintptr_t)col[part[i]])[local[i]];
                 const int bad = !isfinite(x);
                 nonfinite += bad;
-                dense_out[i * n_dense + f] = bad ? 0.0f : x;
+                dense_out[i * n_dense + f] = bad ? NAN : x;
             }
         }
         for (int64_t k = 0; k < n_labels; k++) {

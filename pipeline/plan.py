@@ -13,7 +13,9 @@ so every rank computes the same one.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import math
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -23,7 +25,7 @@ import pyarrow.parquet as pq
 from pipeline.config import BAD_FILE_POLICIES, DataConfig, FeaturesConfig
 from pipeline.errors import DataError
 
-__all__ = ["DataError", "DatasetPlan", "WorkUnit", "plan_dataset", "resolve_files", "required_columns"]
+__all__ = ["DataError", "DatasetPlan", "WorkUnit", "carve_tail", "plan_dataset", "resolve_files", "required_columns"]
 
 _GLOB_CHARS = "*?["
 
@@ -63,6 +65,39 @@ class DatasetPlan:
     def fingerprint(self) -> tuple[int, int, int]:
         """(files, units, rows): stored in loader state to catch a resume on different data."""
         return (len(self.files), len(self.units), self.num_rows)
+
+
+def carve_tail(plan: DatasetPlan, fraction: float) -> tuple[DatasetPlan, DatasetPlan]:
+    """Split a plan by row order: (the first floor(N (1 - fraction)) rows, the rest), N = plan.num_rows.
+
+    Deterministic (file, row-group and row order; no shuffling), so the validation rows of
+    `data.valid_fraction` are the same on every rank and every run, and never trained on. A row group
+    on the boundary is split between the two.
+
+    Raises:
+        DataError: either side would be empty.
+    """
+    n = plan.num_rows
+    keep = math.floor(n * (1.0 - fraction))
+    if not 0 < keep < n:
+        raise DataError(f"{plan.uri}: data.valid_fraction = {fraction} leaves {keep} of {n} rows for training")
+    head: list[WorkUnit] = []
+    tail: list[WorkUnit] = []
+    seen = 0
+    for u in plan.units:
+        if seen + u.num_rows <= keep:
+            head.append(u)
+        elif seen >= keep:
+            tail.append(u)
+        else:
+            cut = u.start + (keep - seen)
+            head.append(WorkUnit(u.file_index, u.row_group, u.start, cut))
+            tail.append(WorkUnit(u.file_index, u.row_group, cut, u.stop))
+        seen += u.num_rows
+    return (
+        dataclasses.replace(plan, units=head, uri=f"{plan.uri} (rows [0, {keep}))"),
+        dataclasses.replace(plan, units=tail, uri=f"{plan.uri} (rows [{keep}, {n}): data.valid_fraction {fraction})"),
+    )
 
 
 def _is_hidden(rel_path: str) -> bool:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from checkpoint.format import latest_checkpoint, read_meta, require_complete
+from checkpoint.format import final_checkpoint, read_meta, require_complete
 from metrics.auc import EvalAccumulator
 from parallel.distributed import destroy, init_distributed
 from pipeline.loader import ParquetLoader
@@ -36,7 +36,7 @@ from serving.model import ServingError, from_checkpoint, load_run_config
 def evaluate(run: Path, checkpoint: Path | None, overrides: list[str]) -> tuple[dict[str, Any], bool]:
     """Score the eval split on every rank of the job (or alone); returns (eval.json's content, is rank 0)."""
     cfg = load_run_config(run, overrides)
-    ckpt = require_complete(checkpoint) if checkpoint is not None else latest_checkpoint(run)
+    ckpt = require_complete(checkpoint) if checkpoint is not None else final_checkpoint(run)
     if not cfg.data.eval:
         raise ServingError(f"{run / 'config.toml'}: data.eval is empty; pass --data.eval PATH")
     step = read_meta(ckpt).step
@@ -58,7 +58,7 @@ def evaluate(run: Path, checkpoint: Path | None, overrides: list[str]) -> tuple[
             drop_last=False,
             num_workers=cfg.data.num_workers,
         )
-        acc = EvalAccumulator(model.tasks, device=device)
+        acc = EvalAccumulator(model.tasks, device=device, users=bool(cfg.features.user_id))
         limit = cfg.training.eval_batches
         for i, batch in enumerate(loader):
             if limit and i >= limit:

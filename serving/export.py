@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from checkpoint.format import latest_checkpoint, read_meta, require_complete
+from checkpoint.format import final_checkpoint, read_meta, require_complete
 from embeddings.regroup import feature_order, sparse_dim
 from pipeline.errors import DataError
 from serving.model import (
@@ -161,7 +161,7 @@ def export(
     if quantize not in ("none", "int8"):
         raise ServingError(f"--quantize {quantize!r}: expected 'none' or 'int8'")
     cfg = load_run_config(run, overrides)
-    ckpt = require_complete(checkpoint) if checkpoint is not None else latest_checkpoint(run)
+    ckpt = require_complete(checkpoint) if checkpoint is not None else final_checkpoint(run)
     meta = read_meta(ckpt)
     out = out or default_out(run, quantize)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """The inference model shared by `launch.evaluate`, `launch.export`, `launch.predict` and `bench.serve`.
 
-    run dir --latest complete checkpoint--> tables (DCP, read without a process group) + dense weights
+    run dir --checkpoints/best, else the latest complete step_*--> tables (DCP, no process group) + weights
         (dense.safetensors + every experts_ep<p>.safetensors merged by token position)
     --> InferenceModel = SparseArch (unsharded tables; fp32, or TorchRec's INT8 quantized EBC)
                          + the zoo model in eval mode with the sparse-inference router
@@ -33,6 +33,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from checkpoint.format import read_expert_shards
 from config import ConfigError, JobConfig, load_config
+from config.job import dense_input_spec
 from embeddings.regroup import pooled_to_model_input, sparse_dim
 from embeddings.tables import SparseArch, TableSpec, build_sparse_arch, table_specs
 from model.moe import moe_layers
@@ -137,7 +138,7 @@ def build_dense(cfg: JobConfig) -> nn.Module:
     """The zoo model of `cfg` with full (unsharded) experts, in eval mode, sparse-inference router on."""
     f = cfg.features
     model = build_model(
-        cfg.model, cfg.moe, sparse_dim=sparse_dim(f), num_dense=len(f.dense), num_tasks=len(f.labels), seed=0
+        cfg.model, cfg.moe, sparse_dim=sparse_dim(f), dense=dense_input_spec(f), num_tasks=len(f.labels), seed=0
     )
     set_sparse_inference(model, True)
     return model.eval().requires_grad_(False)

@@ -9,7 +9,8 @@ InferenceModel (sparse-inference router) and writes one Parquet row per input ro
     row_id, user_id, p_<task> for every task, and <label> for every label column the data has
 
 When labels are present it prints AUC / UAUC / logloss / NE per task. Unlabeled data works: the
-label, user-id and row-id columns the data lacks are left out (row_id -1, user_id 0).
+label and user-id columns the data (or the config) lacks are left out, and row_id is -1 without a
+row-id column; without user ids UAUC is NaN.
 
 Legend: B batch, K tasks.
 """
@@ -52,7 +53,8 @@ def predict_dataset(
         device: where to run the model (default CPU).
 
     Returns:
-        {"row_id", "user_id", "p_<task>"..., "<label>"... for the labels present}: N-row numpy columns.
+        {"row_id", "user_id" (when there are user ids), "p_<task>"..., "<label>"... for the labels present}:
+        N-row numpy columns.
     """
     cfg = model.cfg
     have = _columns_of(uri)
@@ -84,7 +86,9 @@ def predict_dataset(
         rows.append(batch.row_ids)
     p_NK = torch.cat(probs).numpy()
     y_NK = torch.cat(label_rows).numpy()
-    out: dict[str, np.ndarray] = {"row_id": torch.cat(rows).numpy(), "user_id": torch.cat(users).numpy()}
+    out: dict[str, np.ndarray] = {"row_id": torch.cat(rows).numpy()}
+    if features.user_id:
+        out["user_id"] = torch.cat(users).numpy()
     for k, task in enumerate(model.tasks):
         out[f"p_{task}"] = p_NK[:, k]
     for k, name in enumerate(labels):
@@ -97,11 +101,12 @@ def prediction_metrics(cols: dict[str, np.ndarray], tasks: list[str]) -> dict[st
     present = [t for t in tasks if t in cols]
     if not present:
         return {}
-    acc = EvalAccumulator(present)
+    acc = EvalAccumulator(present, users="user_id" in cols)
     probs_NK = torch.from_numpy(np.stack([cols[f"p_{t}"] for t in present], 1))
     labels_NK = torch.from_numpy(np.stack([cols[t] for t in present], 1))
     n = probs_NK.shape[0]
-    acc.update(probs_NK, labels_NK, torch.from_numpy(cols["user_id"]), torch.ones(n))
+    users_N = torch.from_numpy(cols["user_id"]) if "user_id" in cols else torch.zeros(n, dtype=torch.int64)
+    acc.update(probs_NK, labels_NK, users_N, torch.ones(n))
     return acc.compute()
 
 

@@ -32,6 +32,7 @@ from model.zoo import build_model
 from pipeline.plan import resolve_files
 from pipeline.tools.synth import auc
 from pipeline.tools.synth import generate
+from config.job import dense_input_spec
 
 # Roles of the arms in the quality targets (issue 8). An arm that did not run gives N/A, never PASS.
 DENSE = "rankmixer"
@@ -82,7 +83,7 @@ def train_flops_per_sample(cfg: Any) -> float:
     """Analytic training FLOPs per sample of the run's model (cfg: a JobConfig; MoE counted dense, as trained)."""
 
     f = cfg.features
-    model = build_model(cfg.model, cfg.moe, sparse_dim=sparse_dim(f), num_dense=len(f.dense), num_tasks=len(f.labels))
+    model = build_model(cfg.model, cfg.moe, sparse_dim=sparse_dim(f), dense=dense_input_spec(f), num_tasks=len(f.labels))
     return float(model.flops_per_sample(training=True))
 
 

@@ -138,11 +138,12 @@ class CheckpointManager:
         """The checkpoint `training.resume` asks for: 'auto' (latest, or None), 'never' (None), or a path."""
         return resolve_resume(resume, self.root)
 
-    def save(self, step: int, epoch: int, trainer_state: dict[str, Any]) -> Path:
-        """Write checkpoint `step`; returns its final path."""
+    def save(self, step: int, epoch: int, trainer_state: dict[str, Any], name: str | None = None) -> Path:
+        """Write checkpoint `step` as step_<N>, or under `name` (e.g. BEST_DIR: never pruned, replaced in
+        place); returns its final path."""
         p, lay = self.parts, self.parts.layout
-        final = self.root / step_dir_name(step)
-        tmp = self.root / (step_dir_name(step) + TMP_SUFFIX)
+        final = self.root / (name or step_dir_name(step))
+        tmp = self.root / (final.name + TMP_SUFFIX)
         if lay.is_main:
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -163,13 +164,31 @@ class CheckpointManager:
             meta = CheckpointMeta(step, epoch, lay.world_size, lay.ep_size, p.model_name)
             (tmp / (META + ".part")).write_text(meta.to_json())
             (tmp / (META + ".part")).rename(tmp / META)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            for old in complete_checkpoints(self.root)[: -self.keep_last]:
+            old = final.with_name(final.name + ".old")
+            if final.exists():  # renamed aside first: a crash here still leaves one complete copy
                 shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+            if name is None:
+                for stale in complete_checkpoints(self.root)[: -self.keep_last]:
+                    shutil.rmtree(stale, ignore_errors=True)
         barrier()
         return final
+
+    def load_weights(self, path: Path) -> CheckpointMeta:
+        """Restore only the model (tables, dense and expert weights) from `path`, on any layout: how the
+        best checkpoint comes back at the end of a run. Collective."""
+        p = self.parts
+        meta = read_meta(path)
+        if meta.model_name != p.model_name:
+            raise CheckpointError(f"{path}: written for model.name={meta.model_name!r}, this run has {p.model_name!r}")
+        load_sparse(p.dmp, str(path / SPARSE_DIR))
+        _, unexpected = _load_dense(p.model, load_file(str(path / DENSE_FILE)))
+        if unexpected:
+            raise CheckpointError(f"{path / DENSE_FILE}: unexpected tensors {unexpected[:5]}")
+        _load_experts(p.model, path)
+        return meta
 
     def load(self, path: Path) -> tuple[CheckpointMeta, dict[str, Any]]:
         """Restore tables, dense and expert weights, optimizer and RNG; returns (meta, trainer_state).

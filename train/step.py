@@ -5,7 +5,7 @@
 
     batch.sparse --DMP (tables)--> pooled KeyedTensor --regroup by name--> sparse_BI
     sparse_BI, batch.dense --DeepSpeed engine (dense model)--> logits_BK, reg_loss
-    loss = sum_k BCE_k(logits_BK, labels_BK; weights_B) + reg_loss
+    loss = sum_k BCE_k(logits_BK, labels_BK; weights_B) + reg_loss (MoE) + embeddings.l2 / 2 x mean ||sparse_BI||^2
     engine.backward(loss): dense grads reduced, expert grads over the expert-data-parallel group, the
         embedding grads reach the tables, whose fused optimizer steps inside backward
     clip by the global norm -> engine.step() -> MoE L1 controller on the activation averaged over ranks
@@ -63,11 +63,16 @@ class TrainStep:
         """Scores of one batch already on the device (train or eval mode as set on the modules)."""
         return self.dense(self.embed(batch), batch.dense)
 
-    @staticmethod
-    def loss(out: ModelOutput, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        """(total loss to backpropagate, task loss, per-task losses K): BCE summed over tasks + regularizers."""
+    def loss(self, out: ModelOutput, batch: Batch, sparse_BI: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(total loss to backpropagate, task loss, per-task losses K): BCE summed over tasks + regularizers
+        (the model's MoE terms, and the embedding L2 of `embeddings.l2` on the batch's pooled embeddings)."""
         task, per_task_K = task_loss(out.logits_BK.float(), batch.labels, batch.weights)
-        return task + out.reg_loss, task, per_task_K
+        total = task + out.reg_loss
+        l2 = self.cfg.embeddings.l2
+        if l2 > 0:
+            w_B = batch.weights.to(sparse_BI.dtype)
+            total = total + 0.5 * l2 * (sparse_BI.pow(2).sum(1) * w_B).sum() / w_B.sum().clamp_min(1.0)
+        return total, task, per_task_K
 
     def set_lr(self, step: int) -> float:
         """Schedule factor of `step` applied to the dense and the sparse learning rates; returns the factor."""
@@ -95,8 +100,9 @@ class TrainStep:
         factor = self.set_lr(step)
         par.engine.train()
         par.dmp.train()
-        out = self.forward(batch)
-        total, task, per_task_K = self.loss(out, batch)
+        sparse_BI = self.embed(batch)
+        out = self.dense(sparse_BI, batch.dense)
+        total, task, per_task_K = self.loss(out, batch, sparse_BI)
         par.engine.backward(total)
         grad_norm = self.update()
         metrics = {

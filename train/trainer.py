@@ -1,9 +1,13 @@
-"""The training loop: data -> `TrainStep` -> logs, evaluation, checkpoints, summary.
+"""The training loop: data -> `TrainStep` -> logs, validation, checkpoints, summary.
 
-    Trainer(cfg, info)        plans the data (footers only), builds the sparse arch and the zoo model,
+    Trainer(cfg, info)        plans the data (footers only; the validation carve, if any), computes the
+                              dense-feature statistics (cached), builds the sparse arch and the zoo model,
                               `parallelize`s them (tables, experts, DeepSpeed engine), resumes if asked
-    trainer.fit()             epochs of `TrainStep` (which owns the loss), periodic logs / eval /
-                              checkpoints, a final eval and checkpoint, summary.json
+    trainer.fit()             epochs of `TrainStep` (which owns the loss); logs; validation every
+                              eval_every steps and at every epoch end (best checkpoint, early stopping);
+                              the last checkpoint; the best weights restored; data.eval scored; summary.json
+
+Without validation data, eval_every scores data.eval, as the final evaluation does.
 
 Legend: B batch per rank, K tasks.
 """
@@ -18,20 +22,25 @@ from typing import Any
 
 import torch
 
+from checkpoint.format import BEST_DIR
 from config import JobConfig
+from config.job import dense_input_spec
 from embeddings.regroup import sparse_dim
 from embeddings.tables import build_sparse_arch
-from metrics.auc import EvalAccumulator, WindowedAUC, eval_metrics_flat
+from metrics.auc import WindowedAUC, eval_metrics_flat
 from metrics.mfu import mfu, peak_flops, rss_mb
 from metrics.plots import write_plots
 from metrics.tracking import MetricsLogger
+from model.dense_input import dense_inputs
 from model.zoo import build_model
-from parallel.distributed import DistInfo, all_reduce_sum
+from parallel.distributed import DistInfo, all_gather_object, all_reduce_sum, average_buffers, broadcast_object
 from parallel.layout import parallelize
+from pipeline import dense_prep
 from pipeline.loader import ParquetLoader, dataset_audit
-from pipeline.plan import plan_dataset
+from pipeline.plan import DatasetPlan, carve_tail, plan_dataset
 from train.checkpoint import CheckpointError, CheckpointManager, CheckpointParts
 from train.step import TrainStep
+from train.validation import BestTracker, evaluate_split
 
 MASK64 = (1 << 64) - 1
 
@@ -50,10 +59,13 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.toml").write_text(cfg.to_toml())
 
         # Data: plans come from footers only; bad files fail here, before any training step.
-        self.train_plan = plan_dataset(d.train, d, f)
+        train_plan = plan_dataset(d.train, d, f)
+        self.valid_plan: DatasetPlan | None = plan_dataset(d.valid, d, f) if d.valid else None
+        if d.valid_fraction > 0:
+            train_plan, self.valid_plan = carve_tail(train_plan, d.valid_fraction)
+        self.train_plan = train_plan
         self.eval_plan = plan_dataset(d.eval, d, f) if d.eval else None
         self.loader = self._loader(self.train_plan, train=True)
         self.steps_per_epoch = len(self.loader)
@@ -63,12 +75,27 @@ class Trainer:
             )
         self.total_steps = t.steps or t.epochs * self.steps_per_epoch
 
+        # Dense features: statistics over the training rows (cached), each transform resolved ('auto'
+        # included) and written into the config, so config.toml alone rebuilds the same model.
+        self.dense_choices = self._dense_choices()
+        f.dense_transforms = {c.name: c.transform for c in self.dense_choices}
+        if info.is_main:
+            (self.run_dir / "config.toml").write_text(cfg.to_toml())
+
         # The sparse arch (tables on "meta": DMP materialises only local shards) and the zoo model, then
         # tables sharded, experts sharded by token position and the DeepSpeed engine (parallel.layout).
         sparse_arch = build_sparse_arch(f, cfg.embeddings, device=torch.device("meta"), seed=t.seed)
         model = build_model(
-            cfg.model, cfg.moe, sparse_dim=sparse_dim(f), num_dense=len(f.dense), num_tasks=len(f.labels), seed=t.seed
-        ).to(self.device)
+            cfg.model,
+            cfg.moe,
+            sparse_dim=sparse_dim(f),
+            dense=dense_input_spec(f),
+            num_tasks=len(f.labels),
+            seed=t.seed,
+        )
+        for module in dense_inputs(model):
+            module.set_stats(**dense_prep.model_buffers(self.dense_choices))
+        model = model.to(self.device)
         self.params = model.num_params()
         self.par = parallelize(cfg, info, sparse_arch, model, self.run_dir)
         self.layout, self.dmp, self.engine, self.model = self.par.layout, self.par.dmp, self.par.engine, self.par.model
@@ -91,6 +118,8 @@ class Trainer:
         self.train_s = 0.0  # wall seconds of training steps over the whole run (kept across resumes)
         self.train_samples = 0  # global samples of those steps
         self.resumed_from: str | None = None
+        self.tracker = BestTracker.from_config(t)
+        self.restored_best: str | None = None
         self._maybe_resume()
         self.logger = MetricsLogger(
             self.run_dir,
@@ -106,6 +135,24 @@ class Trainer:
             print(self.plan_report.text(), flush=True)
 
     # ------------------------------------------------------------------ building blocks
+
+    def _dense_choices(self) -> list[dense_prep.DenseChoice]:
+        """Dense-feature statistics over the training rows (collective; cached in the run directory) and the
+        transform of each feature; written to the run directory and printed. A resumed run gets the same
+        statistics from the cache (and the same numbers again from its checkpoint)."""
+        f, info = self.cfg.features, self.info
+        if not f.dense:
+            return []
+        stats, reused = dense_prep.load_or_compute_stats(
+            self.train_plan, f, self.run_dir / dense_prep.STATS_FILE, rank=info.rank,
+            world_size=info.world_size, gather=all_gather_object, broadcast=broadcast_object,
+        )  # fmt: skip
+        choices = dense_prep.resolve(f, stats)
+        if info.is_main:
+            dense_prep.write_choices(self.run_dir / dense_prep.CHOICES_FILE, choices, stats)
+            where = "reused from" if reused else "computed over the training rows, cached in"
+            print(f"{dense_prep.report(choices, stats)}\n(statistics {where} {dense_prep.STATS_FILE})", flush=True)
+        return choices
 
     def _loader(self, plan: Any, train: bool) -> ParquetLoader:
         d = self.cfg.data
@@ -125,25 +172,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, dict[str, float]]:
-        """Metrics on the eval split over all ranks (each row once): {task: {auc, uauc, logloss, ne, ...}}."""
-        if self.eval_plan is None:
+    def evaluate(self, plan: DatasetPlan | None) -> dict[str, dict[str, float]]:
+        """Metrics of `plan` over all ranks (each row once): {task: {auc, uauc, logloss, ne, ...}}; {} without a plan.
+        Collective (batch-norm statistics are averaged over ranks first)."""
+        if plan is None:
             return {}
-        self.engine.eval()
-        self.dmp.eval()
-        acc = EvalAccumulator(self.tasks, device=self.device)
-        loader = self._loader(self.eval_plan, train=False)
-        limit = self.cfg.training.eval_batches
-        for i, batch in enumerate(loader):
-            if limit and i >= limit:
-                break
-            batch = batch.to(self.device, non_blocking=True)
-            out = self.step_fn.forward(batch)
-            acc.update(torch.sigmoid(out.logits_BK.float()), batch.labels, batch.user_ids, batch.weights)
-        self.engine.train()
-        self.dmp.train()
-        return acc.compute()
+        average_buffers(self.model)
+        loader = self._loader(plan, train=False)
+        return evaluate_split(self.step_fn, loader, self.tasks, self.device, self.cfg.training.eval_batches)
+
+    def _validate(self) -> None:
+        """Score the validation rows, follow the metric, keep the best checkpoint. Collective."""
+        metrics = self.evaluate(self.valid_plan)
+        improved = self.tracker.update(metrics, self.step, self.epoch + self.loader.batches_done / len(self.loader))
+        row = eval_metrics_flat(metrics, prefix="valid")
+        row[f"valid/{self.tracker.metric}"] = self.tracker.curve[-1]["value"]
+        row["valid/best"] = self.tracker.best
+        self.logger.log(row, self.step)
+        if improved and self.cfg.training.restore_best:
+            self.save(name=BEST_DIR)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -154,6 +201,7 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "audits": [dict(a) for a in self.audits],
+            "tracker": self.tracker.state_dict(),
             "loader": self.loader.state_dict(),
             # the epoch a re-layout (another world size) starts with, when saved at an epoch boundary
             "next_epoch": (
@@ -165,10 +213,12 @@ class Trainer:
             ),
         }
 
-    def save(self) -> Path:
+    def save(self, name: str | None = None) -> Path:
+        """Write checkpoint step_<N> (or `name`, e.g. the best one). Collective."""
         if self.loader.batches_done >= len(self.loader):
             self._record_audit()  # an epoch-end checkpoint carries that epoch's audit even across a re-layout
-        return self.ckpt.save(self.step, self.epoch, self._trainer_state())
+        average_buffers(self.model)
+        return self.ckpt.save(self.step, self.epoch, self._trainer_state(), name=name)
 
     def _maybe_resume(self) -> None:
         path = self.ckpt.resolve(self.cfg.training.resume)
@@ -179,6 +229,7 @@ class Trainer:
         self.train_s, self.train_samples = float(state["train_s"]), int(state["train_samples"])
         self.epoch = int(state["epoch"])
         self.audits = [dict(a) for a in state["audits"]]
+        self.tracker.load_state_dict(state["tracker"])
         if state["loader"] is None:
             # Another world size: the loader position is per rank, so only an epoch boundary can move.
             if state["next_epoch"] is None:
@@ -219,7 +270,7 @@ class Trainer:
         wall0 = time.perf_counter()
         last_eval: dict[str, dict[str, float]] = {}
         timer_t0, timer_steps = time.perf_counter(), 0
-        while self.step < self.total_steps:
+        while self.step < self.total_steps and not self.tracker.stopped:
             for batch in self.loader:
                 batch = batch.to(self.device, non_blocking=True)
                 row, out = self.step_fn(batch, self.step)
@@ -235,21 +286,37 @@ class Trainer:
                     timer_t0, timer_steps = time.perf_counter(), 0
                 paused = time.perf_counter()  # eval and checkpoint time is not training time
                 if t.eval_every and self.step % t.eval_every == 0 and not done:
-                    last_eval = self.evaluate()
-                    self.logger.log(eval_metrics_flat(last_eval), self.step)
+                    if self.valid_plan is not None:
+                        self._validate()
+                    else:
+                        last_eval = self.evaluate(self.eval_plan)
+                        self.logger.log(eval_metrics_flat(last_eval), self.step)
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not done:
                     self.save()
                 timer_t0 += time.perf_counter() - paused
-                if done:
+                if done or self.tracker.stopped:
                     break
             epoch_done = self.loader.batches_done >= len(self.loader)
-            if epoch_done or self.step >= self.total_steps:
+            if epoch_done or self.step >= self.total_steps or self.tracker.stopped:
                 self._record_audit()  # what this epoch consumed on every rank (all of it when epoch_done)
             if epoch_done:
                 self.epoch += 1
                 self.loader.set_epoch(self.epoch)
-        final_eval = self.evaluate() if self.eval_plan is not None else last_eval
+                if self.valid_plan is not None and not self.tracker.stopped:
+                    paused = time.perf_counter()
+                    self._validate()  # every epoch end
+                    timer_t0 += time.perf_counter() - paused
+        if self.valid_plan is not None and (not self.tracker.curve or self.tracker.curve[-1]["step"] != self.step):
+            self._validate()  # the run's last weights are validated too
         self.save()
+        best = self.ckpt_root / BEST_DIR
+        if self.valid_plan is not None and t.restore_best and self.tracker.best_step is not None:
+            self.ckpt.load_weights(best)  # end with the best validation weights: what data.eval scores
+            self.restored_best = str(best)
+            if info.is_main:
+                print(f"[best] restored {best} (step {self.tracker.best_step}, {self.tracker.metric} "
+                      f"{self.tracker.best:.5f})", flush=True)  # fmt: skip
+        final_eval = self.evaluate(self.eval_plan) if self.eval_plan is not None else last_eval
         summary = self._summary(final_eval, time.perf_counter() - wall0)
         if final_eval:
             self.logger.log(eval_metrics_flat(final_eval), self.step)
@@ -311,7 +378,19 @@ class Trainer:
             "audit": {"epochs": self.audits},
             "data_health": self.loader.stats(),
             "sharding": self.plan_report.to_dict(),
+            "data": {
+                "train_rows": self.train_plan.num_rows,
+                "valid_rows": self.valid_plan.num_rows if self.valid_plan is not None else 0,
+                "eval_rows": self.eval_plan.num_rows if self.eval_plan is not None else 0,
+            },
+            "dense_preprocess": {c.name: c.transform for c in self.dense_choices},
         }
+        if self.valid_plan is not None:
+            tr = self.tracker
+            summary["valid"] = {
+                "metric": tr.metric, "best": tr.best, "best_step": tr.best_step, "stopped_early": tr.stopped,
+                "restored_best": self.restored_best, "curve": tr.curve,
+            }  # fmt: skip
         if self.cfg.data.row_id_column:
             ref = dataset_audit(self.train_plan, self.cfg.data)
             summary["audit"]["dataset"] = ref

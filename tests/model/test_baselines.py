@@ -12,7 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.baselines import DLRMMLP, CrossLayer, DCNv2
-from model.config import ModelConfig
+from model.config import DenseInputSpec, ModelConfig
 from model.output import ModelOutput, task_loss
 
 E, N, K, B = 24, 5, 2, 64
@@ -26,10 +26,10 @@ def _cfg(**kw: object) -> ModelConfig:
 
 def _build(kind: str, seed: int = 0, **cfg: object) -> torch.nn.Module:
     if kind == "dlrm_mlp":
-        return DLRMMLP(_cfg(**cfg), sparse_dim=E, num_dense=N, num_tasks=K, seed=seed)
+        return DLRMMLP(_cfg(**cfg), sparse_dim=E, dense=DenseInputSpec(N), num_tasks=K, seed=seed)
     if kind == "dcnv2":
-        return DCNv2(_cfg(**cfg), sparse_dim=E, num_dense=N, num_tasks=K, seed=seed)
-    return DCNv2(_cfg(**cfg), sparse_dim=E, num_dense=N, num_tasks=K, seed=seed, structure="parallel")
+        return DCNv2(_cfg(**cfg), sparse_dim=E, dense=DenseInputSpec(N), num_tasks=K, seed=seed)
+    return DCNv2(_cfg(**cfg), sparse_dim=E, dense=DenseInputSpec(N), num_tasks=K, seed=seed, structure="parallel")
 
 
 KINDS = ["dlrm_mlp", "dcnv2", "dcnv2_parallel"]
@@ -151,20 +151,29 @@ def test_trains_on_planted_interaction(kind: str) -> None:
 
 
 def test_no_dense_features() -> None:
-    model = DLRMMLP(_cfg(), sparse_dim=E, num_dense=0, num_tasks=K)
-    assert model.dense_proj is None
+    model = DLRMMLP(_cfg(), sparse_dim=E, dense=DenseInputSpec(0), num_tasks=K)
+    assert model.dense_input is None
     assert model(torch.randn(4, E), torch.zeros(4, 0)).logits_BK.shape == (4, K)
 
 
 @pytest.mark.parametrize(
     ("build", "match"),
     [
-        (lambda: DLRMMLP(_cfg(mlp_hidden=[32, 0]), sparse_dim=E, num_dense=N, num_tasks=K), "model.mlp_hidden"),
-        (lambda: DLRMMLP(_cfg(tower_hidden=[-1]), sparse_dim=E, num_dense=N, num_tasks=K), "model.tower_hidden"),
-        (lambda: DCNv2(_cfg(cross_layers=-1), sparse_dim=E, num_dense=N, num_tasks=K), "model.cross_layers"),
-        (lambda: DCNv2(_cfg(), sparse_dim=E, num_dense=N, num_tasks=K, structure="x"), "structure"),
-        (lambda: DCNv2(_cfg(), sparse_dim=0, num_dense=N, num_tasks=K), "sparse_dim"),
-        (lambda: DCNv2(_cfg(), sparse_dim=E, num_dense=N, num_tasks=0), "num_tasks"),
+        (
+            lambda: DLRMMLP(_cfg(mlp_hidden=[32, 0]), sparse_dim=E, dense=DenseInputSpec(N), num_tasks=K),
+            "model.mlp_hidden",
+        ),
+        (
+            lambda: DLRMMLP(_cfg(tower_hidden=[-1]), sparse_dim=E, dense=DenseInputSpec(N), num_tasks=K),
+            "model.tower_hidden",
+        ),
+        (
+            lambda: DCNv2(_cfg(cross_layers=-1), sparse_dim=E, dense=DenseInputSpec(N), num_tasks=K),
+            "model.cross_layers",
+        ),
+        (lambda: DCNv2(_cfg(), sparse_dim=E, dense=DenseInputSpec(N), num_tasks=K, structure="x"), "structure"),
+        (lambda: DCNv2(_cfg(), sparse_dim=0, dense=DenseInputSpec(N), num_tasks=K), "sparse_dim"),
+        (lambda: DCNv2(_cfg(), sparse_dim=E, dense=DenseInputSpec(N), num_tasks=0), "num_tasks"),
     ],
 )
 def test_bad_config_names_the_key(build: Callable[[], object], match: str) -> None:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import ModelConfig
+from model.config import DenseInputSpec, ModelConfig
 from model.ffn import PerTokenFFN, SharedFFN
 from model.mixing import ArticleMixing, SelfAttention, TokenMixing, token_mixing_TBD
 from model.tokenizer import Tokenizer
@@ -119,9 +119,9 @@ def test_shared_ffn_applies_the_same_weights_to_every_token() -> None:
 def test_tokenizer_slices_and_projects(shared: bool) -> None:
     E, N = 21, 3
     cfg = ModelConfig(num_tokens=T, d_model=D, dense_proj_dim=4, shared_projection=shared)
-    tok = Tokenizer(E, N, cfg, _gen())
+    tok = Tokenizer(E, DenseInputSpec(N), cfg, _gen())
     sparse, dense = torch.randn(B, E, generator=_gen(1)), torch.randn(B, N, generator=_gen(2))
-    e = torch.cat([sparse, dense @ tok.dense_w + tok.dense_b], 1)
+    e = torch.cat([sparse, dense @ tok.dense_input.proj_w + tok.dense_input.proj_b], 1)
     d = tok.slice_width
     assert d == 7  # ceil((21 + 4) / 4)
     e = F.pad(e, (0, T * d - e.shape[1]))
@@ -139,7 +139,7 @@ def test_tokenizer_slices_and_projects(shared: bool) -> None:
 
 def test_tokenizer_position_embedding_and_no_dense() -> None:
     cfg = ModelConfig(num_tokens=T, d_model=D, token_pos_emb=True)
-    tok = Tokenizer(10, 0, cfg, _gen())
+    tok = Tokenizer(10, DenseInputSpec(0), cfg, _gen())
     assert tok.pos_TD is not None and tok.pos_TD.shape == (T, D)
     x = tok(torch.randn(B, 10), torch.randn(B, 0))
     assert x.shape == (B, T, D)

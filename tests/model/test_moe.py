@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.config import ModelConfig, MoEConfig
+from model.config import DenseInputSpec, ModelConfig, MoEConfig
 from model.moe import PerTokenExperts, PerTokenMoE, moe_layers
 from model.output import task_loss
 from model.rankmixer import RankMixer
@@ -92,7 +92,9 @@ def test_topk_router_keeps_k_experts_and_load_balance_has_gradient() -> None:
 
 def test_dtsi_inference_router_gets_task_gradient_with_zero_lambda() -> None:
     cfg = ModelConfig(num_tokens=T, d_model=D, num_layers=1, ffn_mult=2, tower_hidden=[8])
-    model = RankMixer(cfg, MoEConfig(enabled=True, num_experts=E, l1_init=0.0), sparse_dim=12, num_dense=2, num_tasks=2)
+    model = RankMixer(
+        cfg, MoEConfig(enabled=True, num_experts=E, l1_init=0.0), sparse_dim=12, dense=DenseInputSpec(2), num_tasks=2
+    )
     sparse, dense = torch.randn(B, 12, generator=_gen(1)), torch.randn(B, 2, generator=_gen(2))
     labels = (torch.rand(B, 2, generator=_gen(3)) > 0.5).float()
     out = model(sparse, dense)
@@ -113,7 +115,9 @@ def test_dtsi_l1_reaches_only_the_inference_router() -> None:
 
 def test_dtsi_inference_is_the_function_odd_rows_trained_with() -> None:
     cfg = ModelConfig(num_tokens=T, d_model=D, num_layers=2, ffn_mult=2, tower_hidden=[8])
-    model = RankMixer(cfg, MoEConfig(enabled=True, num_experts=E), sparse_dim=12, num_dense=2, num_tasks=2, seed=1)
+    model = RankMixer(
+        cfg, MoEConfig(enabled=True, num_experts=E), sparse_dim=12, dense=DenseInputSpec(2), num_tasks=2, seed=1
+    )
     sparse, dense = torch.randn(B, 12, generator=_gen(1)), torch.randn(B, 2, generator=_gen(2))
     train_logits = model.train()(sparse, dense).logits_BK
     eval_logits = model.eval()(sparse, dense).logits_BK  # h_infer routing, sparse experts

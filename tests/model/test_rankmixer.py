@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from config import load_config
-from model.config import ModelConfig, MoEConfig
+from config.job import dense_input_spec
+from model.config import DenseInputSpec, ModelConfig, MoEConfig
 from model.moe import moe_layers
 from model.output import task_loss
 from model.rankmixer import RankMixer
@@ -46,7 +47,7 @@ VARIANTS: dict[str, tuple[ModelConfig, MoEConfig]] = {
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_flops_counter_matches_flop_counter_mode(variant: str) -> None:
     model_cfg, moe_cfg = VARIANTS[variant]
-    model = build_model(model_cfg, moe_cfg, sparse_dim=E, num_dense=N, num_tasks=K)
+    model = build_model(model_cfg, moe_cfg, sparse_dim=E, dense=DenseInputSpec(N), num_tasks=K)
     sparse, dense, _ = _batch()
     with torch.no_grad():
         model.train()
@@ -64,7 +65,7 @@ def test_flops_counter_matches_flop_counter_mode(variant: str) -> None:
 
 def test_dense_blocks_match_the_paper_closed_forms() -> None:
     cfg = _cfg(num_tokens=8, d_model=64, ffn_mult=3)
-    model = build_model(cfg, MoEConfig(), sparse_dim=E, num_dense=N, num_tasks=K)
+    model = build_model(cfg, MoEConfig(), sparse_dim=E, dense=DenseInputSpec(N), num_tasks=K)
     T, D, k, L = cfg.num_tokens, cfg.d_model, cfg.ffn_mult, cfg.num_layers
     biases_and_norms = L * (T * (k * D + D) + 4 * D)
     assert block_params(model) == paper_block_params(cfg) + biases_and_norms
@@ -75,7 +76,7 @@ def test_dense_blocks_match_the_paper_closed_forms() -> None:
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_model_trains_on_a_small_batch(variant: str) -> None:
     model_cfg, moe_cfg = VARIANTS[variant]
-    model = build_model(model_cfg, moe_cfg, sparse_dim=E, num_dense=N, num_tasks=K, seed=1).train()
+    model = build_model(model_cfg, moe_cfg, sparse_dim=E, dense=DenseInputSpec(N), num_tasks=K, seed=1).train()
     sparse, dense, labels = _batch()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
@@ -93,7 +94,7 @@ def test_every_model_trains_on_a_small_batch(variant: str) -> None:
 
 def test_moe_stats_and_params() -> None:
     moe_cfg = MoEConfig(enabled=True, num_experts=3)
-    model = build_model(_cfg(), moe_cfg, sparse_dim=E, num_dense=N, num_tasks=K)
+    model = build_model(_cfg(), moe_cfg, sparse_dim=E, dense=DenseInputSpec(N), num_tasks=K)
     sparse, dense, _ = _batch()
     out = model(sparse, dense)
     assert out.stats["moe/active_LT"].shape == (2, 4)
@@ -102,7 +103,7 @@ def test_moe_stats_and_params() -> None:
     assert not any(v.requires_grad for v in out.stats.values())
     assert out.reg_loss.dim() == 0 and out.reg_loss.requires_grad
     assert model.num_params() == sum(p.numel() for p in model.parameters())
-    dense_model = build_model(_cfg(), MoEConfig(), sparse_dim=E, num_dense=N, num_tasks=K)
+    dense_model = build_model(_cfg(), MoEConfig(), sparse_dim=E, dense=DenseInputSpec(N), num_tasks=K)
     assert dense_model(sparse, dense).stats == {}
     assert float(dense_model(sparse, dense).reg_loss) == 0.0
 
@@ -112,7 +113,11 @@ def test_rankmixer_100m_config_is_within_10_percent_of_107m() -> None:
     sparse_dim = sum(f.dim for f in cfg.features.sparse)
     assert (sparse_dim, len(cfg.features.dense)) == (400, 8)
     model = build_model(
-        cfg.model, cfg.moe, sparse_dim=sparse_dim, num_dense=len(cfg.features.dense), num_tasks=len(cfg.features.labels)
+        cfg.model,
+        cfg.moe,
+        sparse_dim=sparse_dim,
+        dense=dense_input_spec(cfg.features),
+        num_tasks=len(cfg.features.labels),
     )
     assert model.num_params() == pytest.approx(107e6, rel=0.10)
     assert block_params(model) == pytest.approx(paper_block_params(cfg.model), rel=0.01)  # 2kLTD^2, k = 3
@@ -120,19 +125,19 @@ def test_rankmixer_100m_config_is_within_10_percent_of_107m() -> None:
 
 def test_d_model_not_divisible_by_num_tokens_is_rejected() -> None:
     with pytest.raises(ValueError, match=r"model\.d_model.*model\.num_tokens"):
-        RankMixer(_cfg(d_model=18), MoEConfig(), sparse_dim=E, num_dense=N, num_tasks=K)
+        RankMixer(_cfg(d_model=18), MoEConfig(), sparse_dim=E, dense=DenseInputSpec(N), num_tasks=K)
     with pytest.raises(ValueError, match=r"model\.name"):
-        build_model(_cfg("nope"), MoEConfig(), sparse_dim=E, num_dense=N, num_tasks=K)
+        build_model(_cfg("nope"), MoEConfig(), sparse_dim=E, dense=DenseInputSpec(N), num_tasks=K)
 
 
 def test_build_is_deterministic_and_leaves_the_global_rng_alone() -> None:
     moe_cfg = MoEConfig(enabled=True, num_experts=3)
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    a = build_model(_cfg(), moe_cfg, sparse_dim=E, num_dense=N, num_tasks=K, seed=5)
+    a = build_model(_cfg(), moe_cfg, sparse_dim=E, dense=DenseInputSpec(N), num_tasks=K, seed=5)
     assert torch.equal(torch.get_rng_state(), before)
-    b = build_model(_cfg(), moe_cfg, sparse_dim=E, num_dense=N, num_tasks=K, seed=5)
-    c = build_model(_cfg(), moe_cfg, sparse_dim=E, num_dense=N, num_tasks=K, seed=6)
+    b = build_model(_cfg(), moe_cfg, sparse_dim=E, dense=DenseInputSpec(N), num_tasks=K, seed=5)
+    c = build_model(_cfg(), moe_cfg, sparse_dim=E, dense=DenseInputSpec(N), num_tasks=K, seed=6)
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.tokenizer.proj_w, c.tokenizer.proj_w)

@@ -28,8 +28,10 @@ def _vs_reference(data: str, out: str, ep: int) -> dict[str, float]:
     from deepspeed.moe.utils import is_moe_param
 
     from config import load_config
+    from config.job import dense_input_spec
     from embeddings.regroup import pooled_to_model_input, sparse_dim
     from embeddings.tables import build_sparse_arch
+    from model.dense_input import dense_inputs
     from model.moe import moe_layers
     from model.output import task_loss
     from model.zoo import build_model
@@ -58,7 +60,10 @@ def _vs_reference(data: str, out: str, ep: int) -> dict[str, float]:
     f, t = cfg.features, cfg.training
     ref_sparse = build_sparse_arch(f, cfg.embeddings, device=torch.device("cpu"), seed=t.seed)
     ref_BI = pooled_to_model_input(ref_sparse(_concat_kjt(parts)), f).detach()
-    ref = build_model(cfg.model, cfg.moe, sparse_dim=sparse_dim(f), num_dense=len(f.dense), num_tasks=2, seed=t.seed)
+    ref = build_model(cfg.model, cfg.moe, sparse_dim=sparse_dim(f), dense=dense_input_spec(f), num_tasks=2, seed=t.seed)
+    # the trainer wrote the training statistics into its dense input's buffers: the reference uses the same
+    for mine, theirs in zip(dense_inputs(ref), dense_inputs(tr.model), strict=True):
+        mine.load_state_dict(theirs.state_dict())
     dense = torch.cat([p["dense"] for p in parts])
     labels = torch.cat([p["labels"] for p in parts])
     weights = torch.cat([p["weights"] for p in parts])
@@ -71,7 +76,7 @@ def _vs_reference(data: str, out: str, ep: int) -> dict[str, float]:
     factor = tr.step_fn.set_lr(0)
     sparse_BI = tr.step_fn.embed(batch)
     out = tr.step_fn.dense(sparse_BI, batch.dense)
-    loss = tr.step_fn.loss(out, batch)[0]
+    loss = tr.step_fn.loss(out, batch, sparse_BI)[0]
     tr.engine.backward(loss)
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.toml")
 
@@ -115,7 +116,7 @@ def test_ep2_equals_ep1(dist_pool, tiny_data, tmp_path) -> None:
     d1, d2 = _dense_state(r1), _dense_state(r2)
     assert d1.keys() == d2.keys() and any(k.startswith("experts/") for k in d1)
     for k in d1:
-        assert (d1[k] - d2[k]).abs().max() < 1e-5, k
+        torch.testing.assert_close(d1[k], d2[k], atol=1e-5, rtol=0, msg=k)  # inf clip bounds compare equal
     assert sorted(p.name for p in (Path(r2) / "checkpoints" / "step_00000004").glob("experts_ep*")) == [
         "experts_ep0.safetensors",
         "experts_ep1.safetensors",
