@@ -188,3 +188,20 @@ def test_bad_input_shapes_raise(kind: str) -> None:
         model(torch.randn(4, E + 1), torch.randn(4, N))
     with pytest.raises(ValueError, match="dense_BF"):
         model(torch.randn(4, E), torch.randn(4, N + 1))
+
+
+def test_dropout_and_batch_norm_on_hidden_layers_only() -> None:
+    from model.mlp import Towers
+
+    cfg = _cfg(mlp_hidden=[16, 8], tower_hidden=[4], dropout=0.5, batch_norm=True)
+    model = DLRMMLP(cfg, sparse_dim=E, dense=DenseInputSpec(N), num_tasks=K)
+    kinds = [type(m).__name__ for m in model.body]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Dropout", "Linear", "BatchNorm1d", "ReLU", "Dropout"]
+    tower = model.towers.towers[0]
+    assert [type(m).__name__ for m in tower] == ["Linear", "BatchNorm1d", "ReLU", "Dropout", "Linear"]
+    x, d = torch.randn(32, E), torch.randn(32, N)
+    model.train()
+    assert not torch.equal(model(x, d).logits_BK, model(x, d).logits_BK)  # dropout draws anew
+    model.eval()
+    assert torch.equal(model(x, d).logits_BK, model(x, d).logits_BK)
+    assert isinstance(model.towers, Towers)
