@@ -21,6 +21,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--models", default="", help="comma list: only these arms (and their scaling points)")
     p.add_argument("--seeds", default="", help="comma list of seeds instead of study.seeds")
     p.add_argument("--lr-grid", default="", help="comma list of lrs instead of study.lr_grid")
+    p.add_argument(
+        "--grid", action="append", default=[], metavar="SECTION.FIELD=V1,V2",
+        help="tune this config field jointly with the lr grid (repeatable), e.g. --grid model.dropout=0,0.1",
+    )  # fmt: skip
     p.add_argument("--steps", type=int, default=0, help="steps per full run (0: training.steps, or one pass)")
     p.add_argument("--jobs", type=int, default=0, help="concurrent runs instead of study.jobs")
     p.add_argument("--scaling", default="", help="comma list: only these scaling points ('none': no sweep)")

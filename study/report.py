@@ -27,12 +27,12 @@ import pyarrow.parquet as pq
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
+
+from config.job import dense_input_spec
 from embeddings.regroup import sparse_dim
 from model.zoo import build_model
 from pipeline.plan import resolve_files
-from pipeline.tools.synth import auc
-from pipeline.tools.synth import generate
-from config.job import dense_input_spec
+from pipeline.tools.synth import auc, generate
 
 # Roles of the arms in the quality targets (issue 8). An arm that did not run gives N/A, never PASS.
 DENSE = "rankmixer"
@@ -83,7 +83,9 @@ def train_flops_per_sample(cfg: Any) -> float:
     """Analytic training FLOPs per sample of the run's model (cfg: a JobConfig; MoE counted dense, as trained)."""
 
     f = cfg.features
-    model = build_model(cfg.model, cfg.moe, sparse_dim=sparse_dim(f), dense=dense_input_spec(f), num_tasks=len(f.labels))
+    model = build_model(
+        cfg.model, cfg.moe, sparse_dim=sparse_dim(f), dense=dense_input_spec(f), num_tasks=len(f.labels)
+    )
     return float(model.flops_per_sample(training=True))
 
 
@@ -177,24 +179,52 @@ def aggregate(
     return out
 
 
-def pick_lrs(
-    trials: list[tuple[str, float, dict[str, Any]]], arms: list[str], grid: list[float], steps: int
+def point_label(point: dict[str, Any]) -> str:
+    """'lr0.001' or 'lr0.001__dropout0.1' (the run-id part of a tuning point; field names without section)."""
+    parts = [f"lr{point['training.lr']:g}"]
+    parts += [
+        f"{k.rsplit('.', 1)[-1]}{v:g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}{v}"
+        for k, v in point.items()
+        if k != "training.lr"
+    ]
+    return "__".join(parts)
+
+
+def tuning_score(summary: dict[str, Any], metric: str) -> tuple[float, str]:
+    """(score, where): the run's best validation value of `metric` when it had validation rows (higher is
+    better: a loss is negated), else the mean eval AUC over tasks."""
+    valid = summary.get("valid")
+    if valid and valid.get("best") is not None:
+        lower = metric.rsplit("/", 1)[-1] in ("logloss", "ne")
+        return (-valid["best"] if lower else valid["best"]), "valid"
+    ev = summary["eval"]
+    return sum(m["auc"] for m in ev.values()) / len(ev), "eval"
+
+
+def pick_points(
+    trials: list[tuple[str, dict[str, Any], dict[str, Any]]],
+    arms: list[str],
+    points: list[dict[str, Any]],
+    steps: int,
+    metric: str = "auc",
 ) -> dict[str, dict[str, Any]]:
-    """The tuning table. trials: (arm, lr, record) of the tuning runs.
+    """The tuning table. trials: (arm, point, record) of the tuning runs (a point: {"training.lr": ..., ...}).
 
     Returns:
-        arm -> {"grid": {"<lr>": mean eval AUC over tasks}, "best_lr", "steps"}; the earlier lr of the
-        grid wins a tie; an arm without trials (a one-lr grid) gets grid[0] and steps 0.
+        arm -> {"grid": {"<point label>": score}, "best": point, "best_lr", "picked_on": "valid" | "eval",
+        "steps"}; the earlier point wins a tie; an arm without trials (a one-point grid) gets points[0].
     """
     out: dict[str, dict[str, Any]] = {}
     for arm in arms:
-        scores = {}
-        for a, lr, rec in trials:
+        scores, where = {}, "eval"
+        for a, point, rec in trials:
             if a == arm:
-                ev = rec["summary"]["eval"]
-                scores[f"{lr:g}"] = sum(m["auc"] for m in ev.values()) / len(ev)
-        best = max(grid, key=lambda lr: scores[f"{lr:g}"]) if scores else grid[0]
-        out[arm] = {"grid": scores, "best_lr": best, "steps": steps if scores else 0}
+                scores[point_label(point)], where = tuning_score(rec["summary"], metric)
+        best = max(points, key=lambda p: scores[point_label(p)]) if scores else points[0]
+        out[arm] = {
+            "grid": scores, "best": best, "best_lr": best["training.lr"], "picked_on": where,
+            "steps": steps if scores else 0,
+        }  # fmt: skip
     return out
 
 
@@ -381,11 +411,15 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {m['samples_per_s']['mean']:,.0f} ± {m['samples_per_s']['spread']:,.0f} "
             f"| {100 * mfu['mean']:.2f}% ± {100 * mfu['spread']:.2f}% |"
         )
-    lines += ["", "## Tuning", "", "| model | " + " | ".join(f"lr {lr:g}" for lr in st["lr_grid"]) + " | picked |"]
-    lines.append("|---|" + "---|" * (len(st["lr_grid"]) + 1))
+    labels = st.get("points") or [f"lr{lr:g}" for lr in st["lr_grid"]]
+    lines += ["", "## Tuning", "", "| model | " + " | ".join(labels) + " | picked | on |"]
+    lines.append("|---|" + "---|" * (len(labels) + 2))
     for arm, t in results.get("tuning", {}).items():
-        cells = [f"{t['grid'][f'{lr:g}']:.4f}" if f"{lr:g}" in t["grid"] else "-" for lr in st["lr_grid"]]
-        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {t['best_lr']:g} |")
+        cells = [f"{t['grid'][label]:.4f}" if label in t["grid"] else "-" for label in labels]
+        picked = next((label for label in labels if t["grid"].get(label) == max(t["grid"].values(), default=None)), "-")
+        lines.append(
+            f"| {arm} | " + " | ".join(cells) + f" | {picked if t['grid'] else 'fixed'} | {t.get('picked_on', '-')} |"
+        )
     lines += ["", "## Quality targets", "", "| check | task | status | gap (dense - other) | detail |"]
     lines.append("|---|---|---|---|---|")
     for c in results["checks"]:

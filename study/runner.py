@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import shutil
@@ -33,9 +34,10 @@ from typing import Any
 
 import tomli_w
 
-from study import report
 from config import ConfigError, JobConfig, load_config
 from pipeline.plan import plan_dataset
+from schema.tree import parse_value, resolve, set_dotted
+from study import report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,12 +50,19 @@ class StudyError(RuntimeError):
 class StudySpec:
     """The `[study]` table."""
 
+    base: str = ""
+    """A job TOML (relative to the study file) the study's own job tables are merged onto; empty: the
+    study file alone is the base job."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     """Seeds of every arm (initialisation and shuffling)."""
     tune_seed: int = 0
     """Seed of the tuning runs and of the scaling sweep; one of `seeds`."""
     lr_grid: list[float] = field(default_factory=lambda: [0.002])
-    """Dense peak learning rates tried for every arm (one value: no tuning)."""
+    """Dense peak learning rates tried for every arm (one value and no `grid`: no tuning)."""
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    """More config fields tuned jointly with lr_grid (their product), e.g. {"model.dropout" = [0.0, 0.1]}.
+    Points are picked per arm on the validation metric (training.early_stopping_metric) when the runs have
+    validation rows, else on the mean eval AUC over tasks."""
     tune_fraction: float = 1.0
     """Share of the pass a tuning run trains (1.0: tuning runs are the tune_seed runs themselves)."""
     launcher: str = "python"
@@ -106,6 +115,9 @@ def parse_study(table: dict[str, Any], where: str) -> StudySpec:
         raise StudyError(f"{where}: study.tune_seed ({spec.tune_seed}) must be one of study.seeds {spec.seeds}")
     if not spec.lr_grid or any(lr <= 0 for lr in spec.lr_grid):
         raise StudyError(f"{where}: study.lr_grid must be a non-empty list of positive numbers, got {spec.lr_grid}")
+    for key, values in spec.grid.items():
+        if key == "training.lr" or not isinstance(values, list) or not values:
+            raise StudyError(f"{where}: study.grid.{key} must be a non-empty list (training.lr is study.lr_grid)")
     if not 0.0 < spec.tune_fraction <= 1.0 or spec.jobs < 1 or spec.nproc < 1:
         raise StudyError(f"{where}: need 0 < study.tune_fraction <= 1, study.jobs >= 1 and study.nproc >= 1")
     if not spec.arms:
@@ -135,6 +147,12 @@ def load_study(path: Path, smoke: bool, overrides: list[str], out: Path) -> tupl
         raw = merge(raw, smoke_table.pop("job", {}))
         study = merge(study, smoke_table)
     spec = parse_study(study, str(path))
+    if spec.base:
+        base_path = path.parent / spec.base
+        try:
+            raw = merge(tomllib.loads(base_path.read_text()), raw)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise StudyError(f"{path}: study.base = {spec.base!r}: {e}") from None
     out.mkdir(parents=True, exist_ok=True)
     base_file = out / "job_base.toml"
     base_file.write_text(tomli_w.dumps(raw))
@@ -143,6 +161,31 @@ def load_study(path: Path, smoke: bool, overrides: list[str], out: Path) -> tupl
     except ConfigError as e:
         raise StudyError(f"{path} (job part, see {base_file}): {e}") from None
     return spec, cfg
+
+
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """`--grid SECTION.FIELD=V1,V2` items -> {"section.field": [typed values]} (StudyError naming the item)."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, _, values = item.partition("=")
+        try:
+            tp = resolve(JobConfig, key)
+            grid[key] = [parse_value(v.strip(), tp, key) for v in values.split(",") if v.strip()]
+        except ConfigError as e:
+            raise StudyError(f"--grid {item!r}: {e}") from None
+        if not grid[key] or key == "training.lr":
+            raise StudyError(f"--grid {item!r}: expected SECTION.FIELD=V1,V2 (training.lr is --lr-grid)")
+    return grid
+
+
+def grid_points(spec: StudySpec) -> list[dict[str, Any]]:
+    """Every tuning point: {"training.lr": lr, **one value of every study.grid field}, lr varying fastest last."""
+    keys = list(spec.grid)
+    points = []
+    for lr in spec.lr_grid:
+        for values in itertools.product(*(spec.grid[k] for k in keys)):
+            points.append({"training.lr": lr, **dict(zip(keys, values))})
+    return points
 
 
 @dataclass
@@ -159,11 +202,18 @@ class Run:
     """Training FLOPs of the whole run (set by validate_run): the longest runs start first."""
 
 
-def make_run(base: dict, name: str, over: dict, seed: int, lr: float, steps: int, out: Path, spec: StudySpec) -> Run:
-    """The job tree of one run: base + arm overrides + seed, lr, steps and its run directory."""
+def make_run(
+    base: dict, name: str, over: dict, seed: int, point: dict[str, Any], steps: int, out: Path, spec: StudySpec
+) -> Run:
+    """The job tree of one run: base + arm overrides + the tuning point (lr and grid fields) + seed, steps
+    and its run directory."""
     over = {k: v for k, v in over.items() if k not in ("family", "lr_from", "same_as")}
-    run_id = f"{name}__s{seed}__lr{lr:g}__n{steps}"
+    lr = float(point["training.lr"])
+    run_id = f"{name}__s{seed}__{report.point_label(point)}__n{steps}"
     tree = merge(copy.deepcopy(base), over)  # base's sub-tables must not be shared between runs
+    for key, value in point.items():
+        if key != "training.lr":
+            set_dotted(tree, key, value)
     tree["training"] |= {"seed": seed, "lr": lr, "steps": steps, "name": run_id, "resume": "never"}
     tree["training"]["output_dir"] = str((out / "runs" / run_id).resolve())
     if spec.launcher == "torchrun":
@@ -278,9 +328,9 @@ def plan_scaling(
         lr_from = ref or sc.get("lr_from", family)
         if lr_from not in spec.arms:
             continue
-        lr = tuning[lr_from]["best_lr"]
+        point = tuning[lr_from]["best"]
         run = make_run(
-            base, ref or f"scale_{name}", spec.arms[ref] if ref else sc, spec.tune_seed, lr, steps, out, spec
+            base, ref or f"scale_{name}", spec.arms[ref] if ref else sc, spec.tune_seed, point, steps, out, spec
         )
         runs += [] if ref else [run]
         points.append((name, family, run.run_id))
@@ -297,6 +347,7 @@ def run_study(args: argparse.Namespace, overrides: list[str], argv: list[str]) -
         spec.seeds = [int(s) for s in args.seeds.split(",")]
         spec.tune_seed = spec.tune_seed if spec.tune_seed in spec.seeds else spec.seeds[0]
     spec.lr_grid = [float(x) for x in args.lr_grid.split(",")] if args.lr_grid else spec.lr_grid
+    spec.grid |= parse_grid(args.grid)
     spec.jobs = args.jobs or spec.jobs
     spec.scaling = _subset(spec.scaling, args.scaling, "--scaling", args.config)
     report.ensure_data(base, spec.synth)
@@ -308,23 +359,25 @@ def run_study(args: argparse.Namespace, overrides: list[str], argv: list[str]) -
     tune_steps = max(1, round(spec.tune_fraction * full))
     oracle = report.oracle_aucs(cfg.data.eval, tasks)
 
-    # Phase 1: tuning (skipped when the grid has one lr).
+    # Phase 1: tuning (skipped when the grid has one point).
     counter = {"trained": 0, "reused": 0}
     scratch = out / ".validate.toml"
-    tune_runs = [
-        make_run(base, arm, over, spec.tune_seed, lr, tune_steps, out, spec)
-        for arm, over in spec.arms.items()
-        for lr in (spec.lr_grid if len(spec.lr_grid) > 1 else [])
-    ]
+    points = grid_points(spec)
+    tune_runs, run_points = [], {}
+    for arm, over in spec.arms.items():
+        for point in points if len(points) > 1 else []:
+            run = make_run(base, arm, over, spec.tune_seed, point, tune_steps, out, spec)
+            tune_runs.append(run)
+            run_points[run.run_id] = point
     for r in tune_runs:
         validate_run(r, spec, scratch)
     tuned = execute_all(tune_runs, spec, counter)
-    trials = [(r.arm, r.lr, tuned[r.run_id]) for r in tune_runs]
-    tuning = report.pick_lrs(trials, list(spec.arms), spec.lr_grid, tune_steps)
+    trials = [(r.arm, run_points[r.run_id], tuned[r.run_id]) for r in tune_runs]
+    tuning = report.pick_points(trials, list(spec.arms), points, tune_steps, cfg.training.early_stopping_metric)
 
-    # Phase 2: every seed at the picked lr, and the scaling points.
+    # Phase 2: every seed at the picked point, and the scaling points.
     main_runs = [
-        make_run(base, arm, over, seed, tuning[arm]["best_lr"], full, out, spec)
+        make_run(base, arm, over, seed, tuning[arm]["best"], full, out, spec)
         for arm, over in spec.arms.items()
         for seed in spec.seeds
     ]
@@ -346,6 +399,8 @@ def run_study(args: argparse.Namespace, overrides: list[str], argv: list[str]) -
             "launcher": report.launcher_line(spec.launcher, spec.jobs, spec.nproc),
             "budget": report.budget_line(steps_line, spec.lr_grid, spec.seeds, spec.tune_seed, tune_steps, cfg),
             "lr_grid": spec.lr_grid,
+            "grid": spec.grid,
+            "points": [report.point_label(p) for p in points],
             "seeds": spec.seeds,
             "tune_seed": spec.tune_seed,
             "steps": full,

@@ -156,7 +156,7 @@ def test_markdown_and_scaling_plot(tmp_path: Path) -> None:
         },
         "tasks": TASKS,
         "oracle": {"click": 0.85, "finish": 0.9},
-        "tuning": {"rankmixer": {"grid": {"0.001": 0.7, "0.003": 0.75}, "best_lr": 0.003, "steps": 3}},
+        "tuning": {"rankmixer": {"grid": {"lr0.001": 0.7, "lr0.003": 0.75}, "best_lr": 0.003, "steps": 3}},
         "models": models,
         "checks": report.quality_checks(models, TASKS),
         "scaling": points,
@@ -164,7 +164,7 @@ def test_markdown_and_scaling_plot(tmp_path: Path) -> None:
     md = report.markdown(results)
     assert "| rankmixer | 2 | 0.7810 ± 0.0014 |" in md
     assert "| rankmixer >= dcnv2 | click | MISS | -0.0050 |" in md
-    assert "| rankmixer | 0.7000 | 0.7500 | 0.003 |" in md
+    assert "| rankmixer | 0.7000 | 0.7500 | lr0.003 | - |" in md
     assert "![scaling](scaling.png)" in md and "| rm6 | rankmixer | 1,000,000 |" in md
     png = report.scaling_plot(points, TASKS, tmp_path / "scaling.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

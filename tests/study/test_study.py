@@ -57,23 +57,31 @@ def test_load_study_full_smoke_and_overrides(tmp_path: Path) -> None:
 def test_make_run_trees_are_independent(tmp_path: Path) -> None:
     spec, cfg = study.load_study(CONFIG, False, [], tmp_path)
     base = cfg.to_dict()
-    a = study.make_run(base, "rankmixer", spec.arms["rankmixer"], 0, 0.001, 10, tmp_path, spec)
-    b = study.make_run(base, "dcnv2", spec.arms["dcnv2"], 1, 0.003, 10, tmp_path, spec)
+    a = study.make_run(base, "rankmixer", spec.arms["rankmixer"], 0, {"training.lr": 0.001}, 10, tmp_path, spec)
+    b = study.make_run(base, "dcnv2", spec.arms["dcnv2"], 1, {"training.lr": 0.003}, 10, tmp_path, spec)
     assert a.run_id == "rankmixer__s0__lr0.001__n10" and b.run_id == "dcnv2__s1__lr0.003__n10"
     assert a.tree["training"]["output_dir"] != b.tree["training"]["output_dir"]
     assert (a.tree["training"]["seed"], b.tree["training"]["seed"]) == (0, 1)
     assert a.tree["model"]["name"] == "rankmixer" and b.tree["model"]["name"] == "dcnv2"
     assert base["training"]["lr"] == cfg.training.lr  # the base is never mutated
-    moe = study.make_run(base, "rankmixer_moe", spec.arms["rankmixer_moe"], 0, 0.003, 10, tmp_path, spec)
+    moe = study.make_run(
+        base, "rankmixer_moe", spec.arms["rankmixer_moe"], 0, {"training.lr": 0.003}, 10, tmp_path, spec
+    )
+    grid = study.make_run(base, "dlrm_mlp", {}, 0, {"training.lr": 0.003, "model.dropout": 0.1}, 10, tmp_path, spec)
+    assert grid.run_id == "dlrm_mlp__s0__lr0.003__dropout0.1__n10" and grid.tree["model"]["dropout"] == 0.1
     assert moe.tree["moe"]["enabled"] and moe.tree["moe"]["target_activation"] == 0.25
-    runs, points = study.plan_scaling(base, spec, {a: {"best_lr": 0.002} for a in spec.arms}, 10, tmp_path)
+    tuned = {a: {"best": {"training.lr": 0.002}} for a in spec.arms}
+    runs, points = study.plan_scaling(base, spec, tuned, 10, tmp_path)
     assert ("rankmixer_s", "rankmixer", "rankmixer__s0__lr0.002__n10") in points  # same_as: reuses the arm's run
     assert len(runs) == len(points) - 3 and all(r.run_id.startswith("scale_") for r in runs)
     assert {f for _, f, _ in points} == {"rankmixer", "dlrm_mlp", "dcnv2"}
     study.validate_run(runs[0], spec, tmp_path / "v.toml")
     assert runs[0].cost == pytest.approx(report.train_flops_per_sample(cfg_of(runs[0], tmp_path)) * 10 * 512)
     spec.launcher = "torchrun"
-    assert study.make_run(base, "rankmixer", {}, 0, 0.001, 10, tmp_path, spec).tree["data"]["batch_size"] == 256
+    assert (
+        study.make_run(base, "rankmixer", {}, 0, {"training.lr": 0.001}, 10, tmp_path, spec).tree["data"]["batch_size"]
+        == 256
+    )
 
 
 def cfg_of(run: study.Run, tmp_path: Path):
@@ -85,14 +93,23 @@ def cfg_of(run: study.Run, tmp_path: Path):
     return load_config(["--config", str(tmp_path / "c.toml")])
 
 
-def test_pick_lrs_best_mean_auc() -> None:
-    def rec(click: float, finish: float) -> dict:
-        return {"summary": {"eval": {"click": {"auc": click}, "finish": {"auc": finish}}}}
+def test_pick_points_on_validation_when_there_is_some() -> None:
+    def rec(click: float, finish: float, valid: float | None = None) -> dict:
+        summary = {"eval": {"click": {"auc": click}, "finish": {"auc": finish}}}
+        return {"summary": summary | ({"valid": {"best": valid}} if valid is not None else {})}
 
-    trials = [("m", 0.001, rec(0.70, 0.80)), ("m", 0.003, rec(0.72, 0.79)), ("m", 0.01, rec(0.75, 0.70))]
-    out = report.pick_lrs(trials, ["m", "untuned"], [0.001, 0.003, 0.01], 3)
-    assert out["m"]["best_lr"] == 0.003 and out["m"]["grid"]["0.01"] == pytest.approx(0.725)
-    assert out["untuned"] == {"grid": {}, "best_lr": 0.001, "steps": 0}
+    points = [{"training.lr": lr} for lr in (0.001, 0.003, 0.01)]
+    trials = [("m", points[0], rec(0.70, 0.80)), ("m", points[1], rec(0.72, 0.79)), ("m", points[2], rec(0.75, 0.70))]
+    out = report.pick_points(trials, ["m", "untuned"], points, 3)
+    assert out["m"]["best_lr"] == 0.003 and out["m"]["grid"]["lr0.01"] == pytest.approx(0.725)
+    assert out["m"]["picked_on"] == "eval"
+    assert out["untuned"]["best"] == points[0] and out["untuned"]["steps"] == 0
+    # with validation rows the validation metric decides, never the eval (test) AUC
+    trials = [("m", points[0], rec(0.70, 0.80, valid=0.9)), ("m", points[1], rec(0.99, 0.99, valid=0.8))]
+    out = report.pick_points(trials, ["m"], points[:2], 3)
+    assert out["m"]["best"] == points[0] and out["m"]["picked_on"] == "valid"
+    loss = report.pick_points(trials, ["m"], points[:2], 3, metric="logloss")  # lower is better
+    assert loss["m"]["best"] == points[1]
 
 
 def test_ensure_data_generates_only_the_synth_output(tmp_path: Path) -> None:
@@ -143,3 +160,16 @@ def test_study_end_to_end_and_resume(tmp_path: Path) -> None:
     with pytest.raises(study.StudyError, match=r"rankmixer__s0__lr0.003__n3 was trained from another config"):
         study_cli.main([*argv, "--model.tower_hidden", "[32]"])
     assert [p.stat().st_mtime_ns for p in summaries] == stamps
+
+
+def test_grid_option_parses_typed_values_and_multiplies_points(tmp_path: Path) -> None:
+    grid = study.parse_grid(["model.dropout=0,0.1", "features.dense_buckets=32,128"])
+    assert grid == {"model.dropout": [0.0, 0.1], "features.dense_buckets": [32, 128]}
+    spec, _ = study.load_study(CONFIG, False, [], tmp_path)
+    spec.lr_grid, spec.grid = [0.001, 0.003], grid
+    points = study.grid_points(spec)
+    assert len(points) == 8 and points[1] == {"training.lr": 0.001, "model.dropout": 0.0, "features.dense_buckets": 128}
+    with pytest.raises(study.StudyError, match="unknown config key 'model.dropuot'"):
+        study.parse_grid(["model.dropuot=0,1"])
+    with pytest.raises(study.StudyError, match="expected an integer"):
+        study.parse_grid(["features.dense_buckets=many"])
