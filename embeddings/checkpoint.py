@@ -20,6 +20,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
+from checkpoint.format import CheckpointError
+from checkpoint.safe_dcp import SafeFileSystemReader, dcp_error
+
 
 def _group(dmp: DistributedModelParallel) -> dist.ProcessGroup | None:
     return dmp._env.process_group  # the group DMP was sharded over (a subgroup in tests)
@@ -42,11 +45,18 @@ def load_sparse(dmp: DistributedModelParallel, path: str) -> None:
     """Load tables and fused optimizer state from `path` into `dmp` (collective; any world size / plan).
 
     Raises:
-        FileNotFoundError: `path` has no DCP metadata (names the path).
+        CheckpointError: `path` has no DCP metadata, or it cannot be read safely (one line naming the path).
     """
     if not os.path.exists(os.path.join(path, ".metadata")):
-        raise FileNotFoundError(f"sparse checkpoint '{path}': no .metadata file (not a DCP checkpoint)")
+        raise CheckpointError(f"{path}: no DCP .metadata file (not a sparse checkpoint)")
     state = sparse_state_dict(dmp)
-    dcp.load(state, checkpoint_id=path, process_group=_group(dmp))
+    try:  # metadata through the restricted unpickler: a crafted .metadata cannot run code
+        dcp.load(state, storage_reader=SafeFileSystemReader(path), process_group=_group(dmp))
+    except CheckpointError:
+        raise
+    except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        if isinstance(e, KeyboardInterrupt | SystemExit):
+            raise
+        raise dcp_error(path, e) from None
     dmp.load_state_dict(state["model"])
     dmp.fused_optimizer.load_state_dict(state["optim"])

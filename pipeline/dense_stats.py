@@ -19,8 +19,8 @@ What is computed per feature (missing = null, NaN or +-inf; every statistic is o
 Quantiles are exact (numpy's 'linear' definition) while a feature has at most MAX_DISTINCT distinct
 values (integer columns, categorical-like floats); beyond that a second pass histograms the feature on
 the asinh scale in HIST_BINS bins between its min and max, and every quantile is then within one bin (on
-that scale) of the order statistics the exact quantile interpolates between (`exact: false`). Moments are float64 sums merged with Chan's
-formulas (exact up to float64 rounding).
+that scale) of the order statistics the exact quantile interpolates between (`exact: false`). Moments
+are float64 sums merged with Chan's formulas (exact up to float64 rounding).
 
 Legend: n rows of a row group.
 """

@@ -8,9 +8,9 @@
     forward(kjt, dense_BF) -> probs_BK
 
 Nothing here needs a process group, DeepSpeed or the trainer: a fresh process loads an artifact with
-model/, embeddings/ and pipeline/ only. Every load is safetensors or JSON; the one exception is
-reading a *training checkpoint's* sparse/ directory, whose DCP `.metadata` torch unpickles itself
-(the same read the trainer's resume does; tensors come through `torch.load(weights_only=True)`).
+model/, embeddings/ and pipeline/ only. Every load is safetensors or JSON; a *training checkpoint's*
+sparse/ directory is read through DCP with its `.metadata` unpickled by a restricted unpickler that only
+builds DCP's metadata classes (`checkpoint.safe_dcp`, the same read the trainer's resume does).
 
 Legend: B batch, I pooled-embedding width, F dense features, K tasks, R table rows, C table width.
 """
@@ -31,7 +31,8 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from checkpoint.format import read_expert_shards
+from checkpoint.format import CheckpointError, read_expert_shards
+from checkpoint.safe_dcp import SafeFileSystemReader, dcp_error
 from config import ConfigError, JobConfig, load_config
 from config.job import dense_input_spec
 from embeddings.regroup import pooled_to_model_input, sparse_dim
@@ -93,10 +94,14 @@ def read_tables(ckpt: Path, specs: list[TableSpec]) -> dict[str, Tensor]:
     state = {f"model.ebc.embedding_bags.{s.name}.weight": torch.empty(s.num_embeddings, s.dim) for s in specs}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to load in a single process": it is
-        try:
-            dcp.load(state, checkpoint_id=str(sparse), no_dist=True)
-        except Exception as e:  # noqa: BLE001 - DCP raises CheckpointException / RuntimeError variants
-            raise ServingError(f"{sparse}: cannot read the tables ({str(e).splitlines()[0]})") from None
+        try:  # metadata through the restricted unpickler: a crafted .metadata cannot run code
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(sparse)), no_dist=True)
+        except CheckpointError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+            if isinstance(e, KeyboardInterrupt | SystemExit):
+                raise
+            raise dcp_error(str(sparse), e) from None
     return {s.name: state[f"model.ebc.embedding_bags.{s.name}.weight"] for s in specs}
 
 

@@ -158,8 +158,9 @@ def aggregate(
         for task in tasks:
             row: dict[str, Any] = {}
             for metric in METRICS:
-                vals = [float(r["summary"]["eval"][task][metric]) for r in records]
-                row[metric] = mean_spread(vals) | {"values": vals}
+                vals = [r["summary"]["eval"][task][metric] for r in records]  # None: undefined (no user ids)
+                finite = [float(v) for v in vals if v is not None and math.isfinite(float(v))]
+                row[metric] = (mean_spread(finite) | {"values": vals}) if finite else None
             shares = [oracle_share(float(r["summary"]["eval"][task]["auc"]), (oracle or {}).get(task)) for r in records]
             if all(s is not None for s in shares):
                 row["oracle_share"] = mean_spread(shares) | {"values": shares}
@@ -216,7 +217,7 @@ def pick_points(
     """
     out: dict[str, dict[str, Any]] = {}
     for arm in arms:
-        scores, where = {}, "eval"
+        scores, where = {}, "-"
         for a, point, rec in trials:
             if a == arm:
                 scores[point_label(point)], where = tuning_score(rec["summary"], metric)

@@ -150,7 +150,9 @@ def load_study(path: Path, smoke: bool, overrides: list[str], out: Path) -> tupl
     if spec.base:
         base_path = path.parent / spec.base
         try:
-            raw = merge(tomllib.loads(base_path.read_text()), raw)
+            base_tree = tomllib.loads(base_path.read_text())
+            base_tree.pop("study", None)  # a study file can be the base: its job part only
+            raw = merge(base_tree, raw)
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise StudyError(f"{path}: study.base = {spec.base!r}: {e}") from None
     out.mkdir(parents=True, exist_ok=True)

@@ -133,5 +133,7 @@ def test_resharded_checkpoint_round_trip(dist_pool, tmp_path, worker):
 
 
 def test_load_missing_checkpoint_names_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    from checkpoint.format import CheckpointError
+
+    with pytest.raises(CheckpointError, match="nowhere: no DCP .metadata"):
         load_sparse(None, str(tmp_path / "nowhere"))  # type: ignore[arg-type]
