@@ -132,6 +132,10 @@ class MoEConfig:
     """Controller factor: lambda is multiplied by it when too many experts are active, divided when too few."""
     load_balance: float = 0.0
     """Coefficient of the load-balance term (fraction routed x mean gate probability)."""
+    gate_leak: float = 0.0
+    """ReLU router: gradient slope below zero in training (the forward stays ReLU), so dead gates can
+    reopen; 0 = plain ReLU. Without it the L1 controller can only lower the activation: a router whose
+    gates died below the target activation stays there with lambda driven to 0."""
 
     def validate(self) -> None:
         """Router known, counts positive, the controller's target and step in range."""
@@ -144,3 +148,4 @@ class MoEConfig:
         check_range(self.l1_init, "moe.l1_init", min=0.0)
         check_range(self.l1_step, "moe.l1_step", min=1.0, min_open=True)
         check_range(self.load_balance, "moe.load_balance", min=0.0)
+        check_range(self.gate_leak, "moe.gate_leak", min=0.0, max=1.0)

@@ -45,6 +45,10 @@ from torch import Tensor, nn
 from model.config import ROUTERS, MoEConfig
 from model.init import uniform_param
 
+L1_FLOOR = 1e-4
+"""lambda never falls below l1_init x L1_FLOOR: below the target activation it would otherwise shrink by
+l1_step every step towards 0 (underflowing to denormals) and take hundreds of steps to come back."""
+
 
 def expert_seed(seed: int, layer: int, position: int, expert: int) -> int:
     """A process-independent 63-bit seed for expert `expert` of token `position` in block `layer`."""
@@ -142,9 +146,15 @@ class PerTokenExperts(nn.Module):
         return y_tBD
 
 
-def _relu_gates(logits_TBE: Tensor) -> tuple[Tensor, Tensor]:
-    """ReLU routing. Returns (gates, normalised gates for the load-balance term), both T x B x E."""
+def _relu_gates(logits_TBE: Tensor, leak: float = 0.0) -> tuple[Tensor, Tensor]:
+    """ReLU routing. Returns (gates, normalised gates for the load-balance term), both T x B x E.
+
+    `leak` > 0 keeps the forward value ReLU(x) but lets a gradient of slope `leak` through where x < 0,
+    so a gate that no sample opens any more (a "dead" expert) still learns and can open again.
+    """
     g = F.relu(logits_TBE)
+    if leak > 0:
+        g = g + leak * (logits_TBE - logits_TBE.detach()) * (logits_TBE < 0)
     return g, g / g.sum(-1, keepdim=True).clamp_min(1e-9)
 
 
@@ -204,7 +214,9 @@ class PerTokenMoE(nn.Module):
             else (self.router_train_w, self.router_train_b)
         )
         logits_TBE = torch.baddbmm(b, s_TBD, w)
-        return _relu_gates(logits_TBE) if self.cfg.router == "relu" else _topk_gates(logits_TBE, self.cfg.top_k)
+        if self.cfg.router == "relu":
+            return _relu_gates(logits_TBE, self.cfg.gate_leak if self.training else 0.0)
+        return _topk_gates(logits_TBE, self.cfg.top_k)
 
     def forward(self, s_TBD: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Route and run the experts.
@@ -267,6 +279,7 @@ class PerTokenMoE(nn.Module):
             return
         step = self.cfg.l1_step
         self.l1_lambda.mul_(step if float(a) > self.cfg.target_activation else 1.0 / step)
+        self.l1_lambda.clamp_(min=self.cfg.l1_init * L1_FLOOR)  # never underflow: recovers within ~50 steps
 
     def flops_per_sample(self, training: bool = False, activation: float | None = None) -> float:
         """Forward FLOPs per sample: experts at the activated fraction plus the routers.

@@ -147,3 +147,18 @@ def test_l1_controller_moves_activation_toward_target(target: float) -> None:
         start = float(stats["active_T"].mean()) if start is None else start
     end = float(moe.train_active)
     assert abs(end - target) < 0.5 * abs(start - target), (start, end, target)
+
+
+def test_gate_leak_revives_dead_gates_and_lambda_never_underflows() -> None:
+    from model.moe import L1_FLOOR, _relu_gates
+
+    x = torch.tensor([[-1.0, 2.0]], requires_grad=True)
+    for leak, want in ((0.0, [0.0, 1.0]), (0.1, [0.1, 1.0])):
+        g, _ = _relu_gates(x, leak)
+        assert g.tolist() == [[0.0, 2.0]]  # the forward stays ReLU
+        (grad,) = torch.autograd.grad(g.sum(), x)
+        assert grad[0].tolist() == pytest.approx(want)  # a closed gate still gets (a leak of) gradient
+    moe = PerTokenMoE(T, D, MoEConfig(enabled=True, num_experts=E, l1_init=1e-3), layer=0, seed=0, gen=_gen())
+    for _ in range(200):  # far below the target activation: lambda shrinks, but stops at its floor
+        moe.update_l1(active=0.0)
+    assert float(moe.l1_lambda) == pytest.approx(1e-3 * L1_FLOOR)
