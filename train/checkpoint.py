@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,16 +32,20 @@ from checkpoint.format import (
     TMP_SUFFIX,
     CheckpointError,
     CheckpointMeta,
+    checkpoint_files,
     complete_checkpoints,
     experts_file,
+    file_digest,
+    next_seq,
     rank_state_file,
     read_expert_shards,
     read_meta,
     step_dir_name,
+    verify_files,
 )
 from embeddings.checkpoint import load_sparse, save_sparse
 from model.moe import moe_layers
-from parallel.distributed import barrier
+from parallel.distributed import all_gather_object, barrier, broadcast_object
 from parallel.layout import ParallelLayout
 
 
@@ -64,19 +69,26 @@ class CheckpointParts:
 
 
 def resolve_resume(resume: str, root: Path) -> Path | None:
-    """'auto' -> latest complete checkpoint or None; 'never' -> None; else a checkpoint path that must exist."""
+    """'auto' -> the latest written complete checkpoint or None; 'never' -> None; else a checkpoint path that
+    must exist. (`resume_candidates` gives the fallbacks of 'auto' too.)"""
+    found = resume_candidates(resume, root)
+    return found[0] if found else None
+
+
+def resume_candidates(resume: str, root: Path) -> list[Path]:
+    """What to try, in order: 'auto' -> every complete step_* checkpoint, newest written first (a corrupt one
+    falls back to the one before); 'never' -> none; a path -> that one only (it must be complete)."""
     if resume == "never":
-        return None
+        return []
     if resume == "auto":
-        found = complete_checkpoints(root)
-        return found[-1] if found else None
+        return complete_checkpoints(root)[::-1]
     path = Path(resume)
     if not (path / META).is_file():
         raise CheckpointError(
             f"training.resume: {path} is not a complete checkpoint (no {META}); "
             f"complete ones under {root}: {[p.name for p in complete_checkpoints(root)] or 'none'}"
         )
-    return path
+    return [path]
 
 
 def _expert_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
@@ -131,12 +143,37 @@ class CheckpointManager:
         keep_last: complete checkpoints kept; older ones are pruned after each save.
     """
 
-    def __init__(self, root: Path, parts: CheckpointParts, keep_last: int) -> None:
+    def __init__(
+        self, root: Path, parts: CheckpointParts, keep_last: int, config: dict[str, Any] | None = None
+    ) -> None:
         self.root, self.parts, self.keep_last = root, parts, keep_last
+        self.config = config or {}
+        self.lineage = str(broadcast_object(uuid.uuid4().hex[:12]))  # this run start: every rank the same id
+        self.parent: Path | None = None
+        """The checkpoint this run start resumed from: recorded in every checkpoint it writes, never pruned."""
 
     def resolve(self, resume: str) -> Path | None:
-        """The checkpoint `training.resume` asks for: 'auto' (latest, or None), 'never' (None), or a path."""
+        """The checkpoint `training.resume` asks for: 'auto' (latest written, or None), 'never' (None), or a path."""
         return resolve_resume(resume, self.root)
+
+    def candidates(self, resume: str) -> list[Path]:
+        """The checkpoints to try for `training.resume`, in order (see `resume_candidates`)."""
+        return resume_candidates(resume, self.root)
+
+    def verify(self, path: Path) -> CheckpointMeta:
+        """Check every file of checkpoint `path` against meta.json (size and SHA-256), each rank a share of
+        the files; the same CheckpointError (one line) on every rank when any fails. Collective."""
+        meta = read_meta(path)
+        lay = self.parts.layout
+        if not meta.files:
+            return meta  # written before checkpoints listed their files: nothing to check against
+        listed = sorted(set(checkpoint_files(path)) | set(meta.files))
+        problems = verify_files(path, meta, listed[lay.rank :: lay.world_size])
+        found = [q for rank_problems in all_gather_object(problems) for q in rank_problems]  # type: ignore[union-attr]
+        if found:
+            more = f" (+{len(found) - 1} more)" if len(found) > 1 else ""
+            raise CheckpointError(f"{found[0]}{more}")
+        return meta
 
     def save(self, step: int, epoch: int, trainer_state: dict[str, Any], name: str | None = None) -> Path:
         """Write checkpoint `step` as step_<N>, or under `name` (e.g. BEST_DIR: never pruned, replaced in
@@ -160,8 +197,15 @@ class CheckpointManager:
             tmp / rank_state_file(lay.rank),
         )
         barrier()
+        names = checkpoint_files(tmp)  # every rank hashes a share of the files, rank 0 lists them all
+        share = {rel: file_digest(tmp / rel) for rel in names[lay.rank :: lay.world_size]}
+        files = {k: v for part in all_gather_object(share) for k, v in part.items()}  # type: ignore[union-attr]
         if lay.is_main:
-            meta = CheckpointMeta(step, epoch, lay.world_size, lay.ep_size, p.model_name)
+            parent = str(self.parent) if self.parent is not None else None
+            meta = CheckpointMeta(
+                step, epoch, lay.world_size, lay.ep_size, p.model_name, next_seq(self.root), self.lineage, parent,
+                dict(sorted(files.items())), self.config,
+            )  # fmt: skip
             (tmp / (META + ".part")).write_text(meta.to_json())
             (tmp / (META + ".part")).rename(tmp / META)
             old = final.with_name(final.name + ".old")
@@ -171,10 +215,20 @@ class CheckpointManager:
             tmp.rename(final)
             shutil.rmtree(old, ignore_errors=True)
             if name is None:
-                for stale in complete_checkpoints(self.root)[: -self.keep_last]:
-                    shutil.rmtree(stale, ignore_errors=True)
+                self._prune()
         barrier()
         return final
+
+    def _prune(self) -> None:
+        """Keep the keep_last newest written step_* checkpoints and the one this run resumed from; delete
+        the rest (an abandoned line after a rollback goes first: it was written earlier)."""
+        found = complete_checkpoints(self.root)
+        keep = set(found[-self.keep_last :])
+        if self.parent is not None:
+            keep.add(self.parent)
+        for stale in found:
+            if stale not in keep:
+                shutil.rmtree(stale, ignore_errors=True)
 
     def load_weights(self, path: Path) -> CheckpointMeta:
         """Restore only the model (tables, dense and expert weights) from `path`, on any layout: how the
@@ -247,3 +301,57 @@ def _load_experts(model: nn.Module, path: Path) -> None:
         for local, tensors in zip(locals_, read_expert_shards(path, wanted)):
             for name, p in local.named_parameters():
                 p.copy_(tensors[name])
+
+
+HARMLESS = (
+    "metrics.", "training.name", "training.output_dir", "training.resume", "training.steps", "training.epochs",
+    "training.log_every", "training.eval_every", "training.eval_batches", "training.checkpoint_every",
+    "training.keep_last", "training.early_stopping", "training.restore_best", "data.eval", "data.num_workers",
+    "data.prefetch_row_groups", "parallelism.ep_size",
+)  # fmt: skip
+"""Config keys (prefixes) a resume may change: logging, cadence, W&B, how far to train, the test split,
+readers, the expert-parallel layout (the loader checks what it can resume). Anything else changes the
+model, the data or the optimizer."""
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v and all(isinstance(x, str) for x in v):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_drift(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+    """(blocking, harmless): {key: [checkpoint's value, this run's value]} of every changed config key."""
+    a, b = _flat(old), _flat(new)
+    changed = {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    harmless = {k: v for k, v in changed.items() if k.startswith(HARMLESS)}
+    return {k: v for k, v in changed.items() if k not in harmless}, harmless
+
+
+def check_config_drift(path: Path, meta: CheckpointMeta, config: dict[str, Any]) -> dict[str, list[Any]]:
+    """Stop (ConfigDriftError, one line) when resuming `path` with a config that changes the model, the data or
+    the optimizer; return the harmless changes (recorded in summary.json)."""
+    if not meta.config:
+        return {}  # written before checkpoints carried their config
+    blocking, harmless = config_drift(meta.config, config)
+    if blocking:
+        shown = ", ".join(f"{k} {_short(v[0])} -> {_short(v[1])}" for k, v in list(blocking.items())[:6])
+        more = f" (+{len(blocking) - 6} more)" if len(blocking) > 6 else ""
+        raise ConfigDriftError(
+            f"{path}: this run's config differs from the checkpoint's: {shown}{more}. These change the model, the data "
+            "or the optimizer; train into a new training.output_dir, or pass --training.resume never to start over"
+        )
+    return harmless
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+class ConfigDriftError(CheckpointError):
+    """A resume with a config that changes the model, the data or the optimizer (never a fallback case)."""

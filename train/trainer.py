@@ -38,7 +38,13 @@ from parallel.layout import parallelize
 from pipeline import dense_prep
 from pipeline.loader import ParquetLoader, dataset_audit
 from pipeline.plan import DatasetPlan, carve_tail, plan_dataset
-from train.checkpoint import CheckpointError, CheckpointManager, CheckpointParts
+from train.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    CheckpointParts,
+    ConfigDriftError,
+    check_config_drift,
+)
 from train.step import TrainStep
 from train.validation import BestTracker, evaluate_split
 
@@ -105,6 +111,7 @@ class Trainer:
             self.ckpt_root,
             CheckpointParts(self.dmp, self.model, self.engine.optimizer, self.layout, cfg.model.name),
             keep_last=t.keep_last,
+            config=cfg.to_dict(),
         )
 
         # Metrics.
@@ -118,6 +125,7 @@ class Trainer:
         self.train_s = 0.0  # wall seconds of training steps over the whole run (kept across resumes)
         self.train_samples = 0  # global samples of those steps
         self.resumed_from: str | None = None
+        self.config_changes: dict[str, list[Any]] = {}
         self.tracker = BestTracker.from_config(t)
         self.restored_best: str | None = None
         self._maybe_resume()
@@ -221,10 +229,27 @@ class Trainer:
         return self.ckpt.save(self.step, self.epoch, self._trainer_state(), name=name)
 
     def _maybe_resume(self) -> None:
-        path = self.ckpt.resolve(self.cfg.training.resume)
-        if path is None:
+        """Resume from `training.resume`: every file is verified against its checkpoint's meta.json first; with
+        'auto' a corrupt or unloadable checkpoint is reported in one line and the one written before it is
+        tried; a config that changes the model, data or optimizer stops the run (never a fallback). Collective."""
+        resume = self.cfg.training.resume
+        candidates = self.ckpt.candidates(resume)
+        for i, path in enumerate(candidates):
+            try:
+                meta = self.ckpt.verify(path)
+                self.config_changes = check_config_drift(path, meta, self.cfg.to_dict())
+                meta, state = self.ckpt.load(path)
+                break
+            except ConfigDriftError:
+                raise
+            except CheckpointError as e:
+                if resume != "auto" or i == len(candidates) - 1:
+                    raise
+                if self.info.is_main:
+                    print(f"[resume] WARNING: {e}; falling back to {candidates[i + 1]}", flush=True)
+        else:
             return
-        meta, state = self.ckpt.load(path)
+        self.ckpt.parent = path
         self.step = int(state["step"])
         self.train_s, self.train_samples = float(state["train_s"]), int(state["train_samples"])
         self.epoch = int(state["epoch"])
@@ -246,7 +271,8 @@ class Trainer:
             self.loader.load_state_dict(state["loader"])
         self.resumed_from = str(path)
         if self.info.is_main:
-            print(f"[resume] {path} at step {self.step}, epoch {self.epoch}", flush=True)
+            changed = f"; config changes kept: {sorted(self.config_changes)}" if self.config_changes else ""
+            print(f"[resume] {path} at step {self.step}, epoch {self.epoch}{changed}", flush=True)
 
     # ------------------------------------------------------------------ the loop
 
@@ -375,6 +401,7 @@ class Trainer:
             "peak_flops": self.peak,
             "peak_flops_source": self.peak_source,
             "resumed_from": self.resumed_from,
+            "config_changes": self.config_changes,
             "audit": {"epochs": self.audits},
             "data_health": self.loader.stats(),
             "sharding": self.plan_report.to_dict(),
