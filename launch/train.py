@@ -28,19 +28,26 @@ def main(argv: list[str] | None = None) -> dict:
     from parallel.distributed import destroy, init_distributed
     from pipeline.errors import DataError
     from train.checkpoint import CheckpointError
+    from train.rundir import PREEMPTED_EXIT, Preempted, RunLockError, acquire_run_lock
     from train.trainer import Trainer
 
     info = init_distributed()
+    lock = None
     try:
         try:
+            lock = acquire_run_lock(cfg.output_dir, info.is_main)
             trainer = Trainer(cfg, info)
             summary = trainer.fit()
-        except (CheckpointError, DataError) as e:  # one line naming the file / key, no traceback
+        except (CheckpointError, DataError, RunLockError) as e:  # one line naming the file / key, no traceback
             raise SystemExit(f"error: {e}") from None
+        except Preempted:
+            raise SystemExit(PREEMPTED_EXIT) from None  # the checkpoint is written; the same command resumes
         if info.is_main:
             print_summary(summary)
         return summary
     finally:
+        if lock is not None:
+            lock.release()
         if info.owns_group:
             destroy()
 

@@ -24,5 +24,8 @@ else
   rdzv=(--nnodes "$NNODES" --node_rank "${NODE_RANK:-0}" --rdzv_backend c10d
         --rdzv_endpoint "${MASTER_ADDR:?set MASTER_ADDR}:${MASTER_PORT:-29500}" --rdzv_id "${RDZV_ID:-rankmixer}")
 fi
+# Fail fast, once: config and data errors are deterministic, so they are checked here in one process
+# (footers only) instead of on every rank and again on every elastic restart.
+WORLD_SIZE=$((NNODES * NPROC_PER_NODE)) "$PY" -m launch.preflight --config "$CONFIG" "$@" || exit $?
 exec "$PY" -m torch.distributed.run "${rdzv[@]}" --nproc_per_node "$NPROC_PER_NODE" \
   --max_restarts "$MAX_RESTARTS" -m launch.train --config "$CONFIG" "$@"

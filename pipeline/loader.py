@@ -48,6 +48,14 @@ __all__ = ["ParquetLoader", "dataset_audit"]
 _STATE_VERSION = 1
 
 
+def worker_message(e: Exception) -> str:
+    """The one line a reader process raised: DataLoader re-raises it as "Caught DataError in DataLoader worker
+    process 0. Original Traceback ... DataError: <line>"; the line alone is what names the file and column."""
+    text = str(e)
+    marker = "DataError: "
+    return text.rsplit(marker, 1)[1].strip() if "Original Traceback" in text and marker in text else text
+
+
 def _as_is(x: tuple[torch.Tensor, Header, int]) -> tuple[torch.Tensor, Header, int]:
     return x
 
@@ -259,11 +267,14 @@ class ParquetLoader:
                 persistent_workers=False,
             )
         keep: dict[int, torch.UntypedStorage] = {}
-        for buf, header, slot in blocks:
-            raw = _track(buf, slot, flags, keep)
-            del buf
-            yield from block_batches(raw, header)
-            del raw
+        try:
+            for buf, header, slot in blocks:
+                raw = _track(buf, slot, flags, keep)
+                del buf
+                yield from block_batches(raw, header)
+                del raw
+        except DataError as e:  # from a reader process, DataLoader prefixes the worker's whole traceback
+            raise DataError(worker_message(e)) from None
 
     def _to_batch(self, arrays: BatchArrays) -> Batch:
         values, lengths, dense, labels, weights, user_ids, row_ids, stats = arrays

@@ -45,6 +45,7 @@ from train.checkpoint import (
     ConfigDriftError,
     check_config_drift,
 )
+from train.rundir import Preempted, Preemption, drop_rows_after
 from train.step import TrainStep
 from train.validation import BestTracker, evaluate_split
 
@@ -129,6 +130,8 @@ class Trainer:
         self.tracker = BestTracker.from_config(t)
         self.restored_best: str | None = None
         self._maybe_resume()
+        if info.is_main and (self.resumed_from is not None or info.restart_count > 0):
+            drop_rows_after(self.run_dir / "metrics.jsonl", self.step)  # the crashed attempt's later rows
         self.logger = MetricsLogger(
             self.run_dir,
             cfg.metrics,
@@ -292,8 +295,19 @@ class Trainer:
         return {"epoch": int(a["epoch"]), "count": int(cnt), "checksum": checksum}
 
     def fit(self) -> dict[str, Any]:
-        t, info = self.cfg.training, self.info
+        """Train (validating and checkpointing on the way), then end with the best weights, the test
+        evaluation and summary.json. SIGTERM / SIGUSR1: checkpoint at the next step end and raise Preempted."""
         wall0 = time.perf_counter()
+        with Preemption() as preemption:
+            self._train(preemption)
+        return self._finish(wall0)
+
+    def _preempt_agreed(self, preemption: Preemption) -> bool:
+        """Whether any rank got SIGTERM / SIGUSR1 (a tiny all-reduce per step, so every rank stops at the same one)."""
+        return all_reduce_sum([float(preemption.requested)], self.device)[0] > 0
+
+    def _train(self, preemption: Preemption) -> None:
+        t, info = self.cfg.training, self.info
         last_eval: dict[str, dict[str, float]] = {}
         timer_t0, timer_steps = time.perf_counter(), 0
         while self.step < self.total_steps and not self.tracker.stopped:
@@ -320,6 +334,12 @@ class Trainer:
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not done:
                     self.save()
                 timer_t0 += time.perf_counter() - paused
+                if self._preempt_agreed(preemption):
+                    path = self.save()
+                    if info.is_main:
+                        print(f"[preempted] at step {self.step}: wrote {path}", flush=True)
+                    self.logger.close()
+                    raise Preempted(path, self.step)
                 if done or self.tracker.stopped:
                     break
             epoch_done = self.loader.batches_done >= len(self.loader)
@@ -332,6 +352,12 @@ class Trainer:
                     paused = time.perf_counter()
                     self._validate()  # every epoch end
                     timer_t0 += time.perf_counter() - paused
+        self.last_eval = last_eval
+
+    def _finish(self, wall0: float) -> dict[str, Any]:
+        """After the loop: last validation, last checkpoint, the best weights back, the test evaluation, summary."""
+        t, info = self.cfg.training, self.info
+        last_eval = self.last_eval
         if self.valid_plan is not None and (not self.tracker.curve or self.tracker.curve[-1]["step"] != self.step):
             self._validate()  # the run's last weights are validated too
         self.save()
