@@ -85,6 +85,15 @@ def validate_job(cfg: JobConfig, world_size: int = 1) -> None:
         raise ConfigError(f"training.early_stopping_metric names task {task!r}; tasks: {cfg.features.labels}")
     if cfg.features.dense and cfg.model.dense_proj_dim < 1:
         raise ConfigError("model.dense_proj_dim must be >= 1 when there are dense features")
+    managed = set(emb.managed_collision)
+    for i, sf in enumerate(cfg.features.sparse):
+        if sf.id_mapping == "raw" and sf.table_name not in managed:
+            raise ConfigError(
+                f"features.sparse[{i}] ({sf.name!r}): id_mapping = 'raw' passes ids unchanged, which only a "
+                f"managed-collision table takes (embeddings.managed_collision); a plain table would send every id "
+                f"outside [0, {sf.vocab_size}) to row 0. Use 'modulo' (ids in range kept, the others hashed in and "
+                f"counted) or list table {sf.table_name!r} in embeddings.managed_collision"
+            )
     tables = cfg.features.table_names()
     for key, names in (
         ("embeddings.table_sharding", list(emb.table_sharding)),

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from pipeline.config import DataConfig
 from pipeline.errors import DataError
 from pipeline.ids import mix64
-from pipeline.plan import DatasetPlan
+from pipeline.plan import DatasetPlan, WorkUnit
 
 MOD = 2**64
 
@@ -37,9 +37,9 @@ def combine_audits(audits: list[dict]) -> dict:
     return out
 
 
-def dataset_audit(plan: DatasetPlan, data: DataConfig) -> dict:
-    """{"count", "checksum"} of every row id in the plan, reading only the row-id column: the
-    yardstick an epoch with drop_last = False must match (summed over ranks).
+def dataset_audit(plan: DatasetPlan, data: DataConfig, units: list[WorkUnit] | None = None) -> dict:
+    """{"count", "checksum"} of every row id in the plan (or in `units`, e.g. the rows drop_last leaves out
+    of an epoch), reading only the row-id column: the yardstick an epoch must match (summed over ranks).
 
     Raises:
         DataError when `data.row_id_column` is empty (no audit without row ids).
@@ -49,13 +49,13 @@ def dataset_audit(plan: DatasetPlan, data: DataConfig) -> dict:
         raise DataError("data.row_id_column is empty: the dataset has no row ids to audit")
     count, checksum = 0, 0
     by_file: dict[int, list] = {}
-    for u in plan.units:
+    for u in plan.units if units is None else units:
         by_file.setdefault(u.file_index, []).append(u)
-    for fi, units in sorted(by_file.items()):
+    for fi, file_units in sorted(by_file.items()):
         path = plan.files[fi]
         with plan.filesystem.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
-            for u in units:
+            for u in file_units:
                 ids = pf.read_row_group(u.row_group, columns=[col]).column(0).to_numpy()[u.start : u.stop]
                 count += len(ids)
                 checksum = (checksum + checksum_ids(ids.astype(np.int64))) % MOD

@@ -47,8 +47,9 @@ class SparseFeature:
     """'sum' or 'mean'; empty picks 'sum' for scalar features and 'mean' for lists."""
     id_mapping: str = "hash"
     """'hash': every id goes through a stable 64-bit mix, modulo vocab_size. 'modulo': ids already in
-    range are kept, others are hashed into range (and counted). 'raw': ids passed unchanged (for
-    managed-collision tables, which remap ids themselves)."""
+    range are kept, others are hashed into range (and counted). 'raw': ids passed unchanged, only for
+    managed-collision tables (embeddings.managed_collision), which remap any id themselves; on a plain
+    table FBGEMM would send out-of-range ids to row 0, so the config refuses it."""
     dtype: str = "int64"
     """'int64' or 'string' (strings are hashed to int64 first)."""
 

@@ -88,6 +88,18 @@ def slice_units(units: list[WorkUnit], start: int, count: int) -> list[WorkUnit]
     return out
 
 
+def dropped_units(
+    plan: DatasetPlan, *, seed: int, epoch: int, shuffle: bool, world_size: int, batch_size: int, drop_last: bool
+) -> list[WorkUnit]:
+    """The rows no rank reads in `epoch`: with drop_last, the tail of the epoch's virtual sequence beyond
+    world_size x batches x batch_size rows (fewer than world_size x batch_size); none without it."""
+    if not drop_last:
+        return []
+    n_total = plan.num_rows
+    used = batches_per_rank(n_total, world_size, batch_size, drop_last) * batch_size * world_size
+    return slice_units(epoch_order(plan, seed, epoch, shuffle), used, n_total - used)
+
+
 def reader_span(
     plan: DatasetPlan,
     *,

@@ -36,8 +36,10 @@ from model.zoo import build_model
 from parallel.distributed import DistInfo, all_gather_object, all_reduce_sum, average_buffers, broadcast_object
 from parallel.layout import parallelize
 from pipeline import dense_prep
+from pipeline.audit import MOD
 from pipeline.loader import ParquetLoader, dataset_audit
 from pipeline.plan import DatasetPlan, carve_tail, plan_dataset
+from pipeline.split import dropped_units
 from train.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -445,14 +447,25 @@ class Trainer:
                 "restored_best": self.restored_best, "curve": tr.curve,
             }  # fmt: skip
         if self.cfg.data.row_id_column:
-            ref = dataset_audit(self.train_plan, self.cfg.data)
-            summary["audit"]["dataset"] = ref
-            complete = [a for a in self.audits if a.get("complete")]
-            # Every complete epoch consumed exactly the dataset's rows (count and order-free checksum);
-            # None when no epoch completed (a run of training.steps shorter than an epoch).
-            summary["audit"]["exactly_once"] = (
-                all(a["count"] == ref["count"] and a["checksum"] == ref["checksum"] for a in complete)
-                if complete
-                else None
-            )
+            summary["audit"] |= self._audit_verdict()
         return summary
+
+    def _audit_verdict(self) -> dict[str, Any]:
+        """Every complete epoch consumed each training row exactly once: its audit plus the rows drop_last left
+        out of that epoch (counted apart, in `dropped`) equal the dataset's (count and order-free checksum).
+        exactly_once is None when no epoch completed (a run of training.steps shorter than an epoch)."""
+        d = self.cfg.data
+        ref = dataset_audit(self.train_plan, d)
+        dropped, ok = {}, []
+        for a in (a for a in self.audits if a.get("complete")):
+            units = dropped_units(
+                self.train_plan, seed=self.cfg.training.seed, epoch=int(a["epoch"]), shuffle=d.shuffle,
+                world_size=self.info.world_size, batch_size=d.batch_size, drop_last=d.drop_last,
+            )  # fmt: skip
+            left = dataset_audit(self.train_plan, d, units) if units else {"count": 0, "checksum": 0}
+            dropped[str(a["epoch"])] = left["count"]
+            ok.append(
+                a["count"] + left["count"] == ref["count"]
+                and (a["checksum"] + left["checksum"]) % MOD == ref["checksum"]
+            )
+        return {"dataset": ref, "dropped": dropped, "exactly_once": all(ok) if ok else None}

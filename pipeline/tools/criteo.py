@@ -145,12 +145,12 @@ def convert_file(
             pending_rows += table.num_rows
             while pending_rows >= max(chunk_rows, row_group_size):
                 t = pa.concat_tables(pending)
-                writer = writer or pq.ParquetWriter(out, t.schema, compression=compression)
+                writer = writer or pq.ParquetWriter(out, t.schema, compression=compression, write_page_checksum=True)
                 writer.write_table(t, row_group_size=row_group_size)
                 pending, pending_rows = [], 0
         if pending_rows or writer is None:
             t = pa.concat_tables(pending) if pending else convert_chunk(_empty_batch(), path, 0, 1, raw_dense)
-            writer = writer or pq.ParquetWriter(out, t.schema, compression=compression)
+            writer = writer or pq.ParquetWriter(out, t.schema, compression=compression, write_page_checksum=True)
             writer.write_table(t, row_group_size=row_group_size)
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read ({e})") from None

@@ -254,7 +254,7 @@ class _Sink:
     def _flush(self, n: int) -> None:
         t = pa.concat_tables(self.parts)
         if self.writer is None:
-            self.writer = pq.ParquetWriter(self.path, t.schema, compression=self.compression)
+            self.writer = pq.ParquetWriter(self.path, t.schema, compression=self.compression, write_page_checksum=True)
         self.writer.write_table(t.slice(0, n), row_group_size=n)
         rest = t.slice(n)
         self.parts, self.pending = ([rest] if rest.num_rows else []), rest.num_rows
@@ -263,7 +263,7 @@ class _Sink:
         if self.pending:
             self._flush(self.pending)
         if self.writer is None:  # no rows at all: still a valid (empty) file
-            self.writer = pq.ParquetWriter(self.path, schema, compression=self.compression)
+            self.writer = pq.ParquetWriter(self.path, schema, compression=self.compression, write_page_checksum=True)
         self.writer.close()
 
 
