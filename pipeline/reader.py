@@ -94,7 +94,9 @@ class PieceReader:
             msg = str(e).splitlines()[0]
             column = self._failing_column(piece)
             where = f"column '{column}' " if column else ""
-            raise DataError(f"{path}: {where}row group {piece.row_group}: cannot decode (corrupt file?): {msg}") from None
+            raise DataError(
+                f"{path}: {where}row group {piece.row_group}: cannot decode (corrupt file?): {msg}"
+            ) from None
         if piece.start or piece.stop != table.num_rows:
             table = table.slice(piece.start, piece.num_rows)
         check_labels(table, self.features.labels, path, piece.row_group)
