@@ -298,6 +298,10 @@ class WandbSink:
             return
         try:
             self.run.finish()
+            # The run file is written by W&B's service process; teardown waits for that process to exit, so
+            # the offline run file is complete when close() returns (a reader right after close once found
+            # only its header under CPU load).
+            self._wandb.teardown()
         except Exception as e:  # noqa: BLE001
             self._fail("finish", e)
         self.run = None

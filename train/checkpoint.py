@@ -181,6 +181,9 @@ class CheckpointManager:
         p, lay = self.parts, self.parts.layout
         final = self.root / (name or step_dir_name(step))
         tmp = self.root / (final.name + TMP_SUFFIX)
+        error = self._make_room() if lay.is_main else None
+        if broadcast_object(error):
+            raise CheckpointError(str(error))
         if lay.is_main:
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -218,6 +221,30 @@ class CheckpointManager:
                 self._prune()
         barrier()
         return final
+
+    def _make_room(self) -> str | None:
+        """Before writing: is there room for a checkpoint as large as the last one (+5%)? If not, prune the
+        older ones keep_last allows to drop first; if still not, the one line that says how much is needed.
+        (A checkpoint that runs out of space half-way is never renamed into place: the previous one stays.)"""
+        found = complete_checkpoints(self.root)
+        if not found:
+            return None
+        need = int(1.05 * sum(v[0] for v in read_meta(found[-1]).files.values()))
+        self.root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.root).free
+        if free >= need:
+            return None
+        droppable = [c for c in found[: max(0, len(found) - (self.keep_last - 1))] if c != self.parent]
+        for old in droppable:  # the new checkpoint will be one of the keep_last
+            shutil.rmtree(old, ignore_errors=True)
+            free = shutil.disk_usage(self.root).free
+            if free >= need:
+                print(f"[checkpoint] low disk space: pruned {old.name} early to make room", flush=True)
+                return None
+        return (
+            f"{self.root}: a checkpoint needs about {need / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free "
+            "(older checkpoints already pruned as far as training.keep_last allows); free space or lower keep_last"
+        )
 
     def _prune(self) -> None:
         """Keep the keep_last newest written step_* checkpoints and the one this run resumed from; delete
