@@ -200,3 +200,51 @@ def test_resume_on_another_world_size(single_node_run: Path, tiny_data, tmp_path
     last = bad.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "step_00000020" in last and "ep_size=2" in last, last
     assert "Traceback" not in bad.stderr
+
+
+def test_sigterm_to_torchrun_checkpoints_and_the_same_command_resumes(tiny_data, tmp_path) -> None:
+    # A scheduler's preemption: SIGTERM to the launcher. torchrun forwards it to the ranks, which finish
+    # their step, agree, write one checkpoint and exit 75; the same command resumes and every epoch is exact.
+    run = tmp_path / "preempt"
+    args = data_args(
+        tiny_data, run, "--training.steps", "0", "--training.epochs", "8", "--training.checkpoint_every", "0",
+        "--training.log_every", "2", "--data.drop_last", "false", "--moe.enabled", "false",
+    )  # fmt: skip
+    proc = train_sh(args)
+    deadline = time.time() + 240
+    while not ((run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 5):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out[-3000:]
+    line = next(s for s in out.splitlines() if s.startswith("[preempted] at step "))
+    step = int(line.split()[3].rstrip(":"))
+    ckpt = run / "checkpoints" / f"step_{step:08d}"
+    assert line.endswith(str(ckpt)) and (ckpt / "meta.json").is_file() and not (run / "summary.json").exists()
+    assert not (run / ".lock").exists()  # released on the way out
+    finish(train_sh(args))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from"] == str(ckpt)
+    audit = summary["audit"]
+    assert [a["epoch"] for a in audit["epochs"]] == list(range(8)) and audit["exactly_once"] is True, audit
+    assert summary["rows_consumed"] == 8 * audit["dataset"]["count"]
+    logged = [row["step"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
+    assert logged == sorted(set(logged))  # the resumed run logs each step once
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--training.lr_typo", "0.1"], "config error: unknown config key 'training.lr_typo'"),
+        (["--features.dense", "d0,d_missing"], "d_missing"),
+    ],
+)
+def test_train_sh_preflight_stops_bad_jobs_with_one_line(tiny_data, tmp_path, extra, expected) -> None:
+    # Checked once before torchrun starts: one line on stderr, exit code 2, no rank ever launched.
+    proc = train_sh(data_args(tiny_data, tmp_path / "run", *extra))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out[-3000:]
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], out
+    assert not (tmp_path / "run").exists()
