@@ -298,9 +298,11 @@ class WandbSink:
             return
         try:
             self.run.finish()
-            # The run file is written by W&B's service process; teardown waits for that process to exit, so
-            # the offline run file is complete when close() returns (a reader right after close once found
-            # only its header under CPU load).
+            # finish() only *asks* W&B's service process to close the run's stream (inform_finish is a
+            # fire-and-forget publish); the service flushes the buffered .wandb file when it gets to it. A
+            # reader right after finish() raced that flush under CPU load and found only the header (no data
+            # is lost: the service flushes before it exits). teardown() waits for the service to exit, so
+            # the run file is complete when close() returns.
             self._wandb.teardown()
         except Exception as e:  # noqa: BLE001
             self._fail("finish", e)
