@@ -13,7 +13,9 @@ Default run: writes a synthetic log (`pipeline.tools.synth`, default 2M rows, 16
    the reader processes, which are joined at the end of the epoch, so they count.
 Each measurement is the best of --repeats (the machine is shared); a warm-up pass first fills the
 page cache. JSON keys: pyarrow_rows_per_cpu_s, pipeline_rows_per_cpu_s (num_workers of
-configs/default.toml), ratio_vs_pyarrow, plus per-worker-count figures.
+configs/default.toml), ratio_vs_pyarrow, plus per-worker-count figures, and `checksums`: the CPU cost
+per row of verifying the Parquet page checksums the synthetic files carry (`data.verify_checksums` on
+vs off, 0 workers, passes alternated).
 
 --memory streams (num_workers 0 and 1, in a fresh process each) a dataset whose decoded size is 10x
 --budget-mb and reports the peak memory growth (proportional set size of the trainer process plus
@@ -28,6 +30,7 @@ trainer's Python heap that a forked process touches.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import subprocess
@@ -89,11 +92,25 @@ def throughput(data: Path, workers: list[int], repeats: int, batch_size: int, de
             "wall_s": wall,
             "ratio_vs_pyarrow": rows / cpu / best_pa,
         }
+    out["checksums"] = checksum_cost(plan, cfg, repeats, batch_size)
     head = out.get(f"workers_{default_workers}") or out[f"workers_{workers[0]}"]
     out["pipeline_rows_per_cpu_s"] = head["rows_per_cpu_s"]
     out["ratio_vs_pyarrow"] = head["ratio_vs_pyarrow"]
     out["pipeline_num_workers"] = default_workers if f"workers_{default_workers}" in out else workers[0]
     return out
+
+
+def checksum_cost(plan, cfg, repeats: int, batch_size: int) -> dict:
+    """Rows per CPU-second of the pipeline (0 workers) with page-checksum verification on and off, on files
+    written with checksums; the passes alternate so both see the same machine load. Best of `repeats` each."""
+    off = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, verify_checksums=False))
+    on_runs, off_runs = [], []
+    for _ in range(repeats):
+        on_runs.append(pipeline_pass(plan, cfg, 0, batch_size))
+        off_runs.append(pipeline_pass(plan, off, 0, batch_size))
+    on = max(r / c for r, c, _ in on_runs)
+    no = max(r / c for r, c, _ in off_runs)
+    return {"verify_rows_per_cpu_s": on, "no_verify_rows_per_cpu_s": no, "cost_pct": 100 * (no / on - 1)}
 
 
 _STREAM = """
@@ -169,6 +186,11 @@ def main(argv: list[str] | None = None) -> dict:
                 r = res[f"workers_{w}"]
                 name = f"pipeline, {w} workers"
                 print(f"{name:<22}{r['rows_per_cpu_s']:>14,.0f}{r['ratio_vs_pyarrow']:>12.2f}{r['wall_s']:>9.1f}")
+            ck = res["checksums"]
+            print(
+                f"page checksums: {ck['verify_rows_per_cpu_s']:,.0f} rows/CPU-s verified vs "
+                f"{ck['no_verify_rows_per_cpu_s']:,.0f} unverified ({ck['cost_pct']:+.1f}% CPU per row)"
+            )
             head = f"headline (num_workers={res['pipeline_num_workers']})"
             print(f"{head}: ratio_vs_pyarrow = {res['ratio_vs_pyarrow']:.2f}")
     if a.json:

@@ -190,6 +190,10 @@ class DataConfig:
     """Column of unique int64 row ids used for the exactly-once audit; empty disables the audit."""
     prefetch_row_groups: int = 2
     """Decoded row groups each reader may hold at once (bounds memory)."""
+    verify_checksums: bool = True
+    """Verify Parquet page checksums (CRC-32) where the writer stored them (`pipeline.tools.synth` and
+    `criteo` do; pyarrow's `write_page_checksum=True`): a flipped bit stops the run with the file, column
+    and row group instead of training on changed values. Pages without checksums read as before."""
 
     def validate(self) -> None:
         """Paths present, sizes and counts in range, names known."""

@@ -334,7 +334,7 @@ HARMLESS = (
     "metrics.", "training.name", "training.output_dir", "training.resume", "training.steps", "training.epochs",
     "training.log_every", "training.eval_every", "training.eval_batches", "training.checkpoint_every",
     "training.keep_last", "training.early_stopping", "training.restore_best", "data.eval", "data.num_workers",
-    "data.prefetch_row_groups", "parallelism.ep_size",
+    "data.prefetch_row_groups", "data.verify_checksums", "parallelism.ep_size",
 )  # fmt: skip
 """Config keys (prefixes) a resume may change: logging, cadence, W&B, how far to train, the test split,
 readers, the expert-parallel layout (the loader checks what it can resume). Anything else changes the
@@ -352,10 +352,12 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_drift(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
-    """(blocking, harmless): {key: [checkpoint's value, this run's value]} of every changed config key."""
+    """(blocking, harmless): {key: [checkpoint's value, this run's value]} of every changed config key. A key
+    on one side only (a field added or removed by another version of this code, whose default keeps the old
+    behaviour) is recorded as harmless."""
     a, b = _flat(old), _flat(new)
     changed = {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
-    harmless = {k: v for k, v in changed.items() if k.startswith(HARMLESS)}
+    harmless = {k: v for k, v in changed.items() if k.startswith(HARMLESS) or k not in a or k not in b}
     return {k: v for k, v in changed.items() if k not in harmless}, harmless
 
 

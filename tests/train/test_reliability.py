@@ -48,6 +48,10 @@ def test_config_drift_splits_blocking_from_harmless() -> None:
     new = load_config(["--config", "configs/tiny.toml", "--training.lr", "0.01", "--training.log_every", "2"]).to_dict()
     blocking, harmless = config_drift(old, new)
     assert blocking == {"training.lr": [0.003, 0.01]} and harmless == {"training.log_every": [5, 2]}
+    # A checkpoint written before a field existed (its default keeps the old behaviour) still resumes.
+    del old["data"]["verify_checksums"]
+    blocking, harmless = config_drift(old, new)
+    assert "data.verify_checksums" in harmless and list(blocking) == ["training.lr"]
 
 
 def test_run_lock_names_the_holder_and_takes_over_stale_ones(tmp_path: Path) -> None:
