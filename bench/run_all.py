@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = ("pipeline", "model", "train", "serve")
+BENCHES = ("pipeline", "model", "train", "serve", "faults")
 
 
 def main(argv: list[str] | None = None) -> int:

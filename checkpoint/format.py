@@ -37,6 +37,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or incompatible; the message says which and why."""
 
 
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint is intact but does not fit this run (another model, layout or config). Deterministic:
+    `training.resume auto` stops on it instead of falling back to an older checkpoint, which would not fit
+    either, or would silently throw progress away."""
+
+
 @dataclass
 class CheckpointMeta:
     """meta.json: what wrote the checkpoint (the layout its per-rank files belong to) and how to trust it."""

@@ -32,6 +32,7 @@ from checkpoint.format import (
     TMP_SUFFIX,
     CheckpointError,
     CheckpointMeta,
+    CheckpointMismatchError,
     checkpoint_files,
     complete_checkpoints,
     experts_file,
@@ -263,11 +264,13 @@ class CheckpointManager:
         p = self.parts
         meta = read_meta(path)
         if meta.model_name != p.model_name:
-            raise CheckpointError(f"{path}: written for model.name={meta.model_name!r}, this run has {p.model_name!r}")
+            raise CheckpointMismatchError(
+                f"{path}: written for model.name={meta.model_name!r}, this run has {p.model_name!r}"
+            )
         load_sparse(p.dmp, str(path / SPARSE_DIR))
         _, unexpected = _load_dense(p.model, load_file(str(path / DENSE_FILE)))
         if unexpected:
-            raise CheckpointError(f"{path / DENSE_FILE}: unexpected tensors {unexpected[:5]}")
+            raise CheckpointMismatchError(f"{path / DENSE_FILE}: unexpected tensors {unexpected[:5]}")
         _load_experts(p.model, path)
         return meta
 
@@ -282,10 +285,12 @@ class CheckpointManager:
         p, lay = self.parts, self.parts.layout
         meta = read_meta(path)
         if meta.model_name != p.model_name:
-            raise CheckpointError(f"{path}: written for model.name={meta.model_name!r}, this run has {p.model_name!r}")
+            raise CheckpointMismatchError(
+                f"{path}: written for model.name={meta.model_name!r}, this run has {p.model_name!r}"
+            )
         same_layout = meta.world_size == lay.world_size and meta.ep_size == lay.ep_size
         if not same_layout and not (meta.ep_size == 1 and lay.ep_size == 1):
-            raise CheckpointError(
+            raise CheckpointMismatchError(
                 f"{path}: written with world_size={meta.world_size}, ep_size={meta.ep_size}; this run has "
                 f"world_size={lay.world_size}, ep_size={lay.ep_size}. The dense optimizer state of sharded experts "
                 "only resumes on the same layout (supported: the same world_size and ep_size, or ep_size=1 on both "
@@ -294,7 +299,7 @@ class CheckpointManager:
         load_sparse(p.dmp, str(path / SPARSE_DIR))
         _, unexpected = _load_dense(p.model, load_file(str(path / DENSE_FILE)))
         if unexpected:
-            raise CheckpointError(f"{path / DENSE_FILE}: unexpected tensors {unexpected[:5]}")
+            raise CheckpointMismatchError(f"{path / DENSE_FILE}: unexpected tensors {unexpected[:5]}")
         _load_experts(p.model, path)
         state_file = path / rank_state_file(lay.rank if same_layout else 0)
         state = torch.load(state_file, map_location="cpu", weights_only=True)
@@ -311,7 +316,9 @@ def _load_dense(model: nn.Module, dense: dict[str, torch.Tensor]) -> tuple[list[
     unexpected = [k for k in dense if k not in own]
     missing = [k for k, v in own.items() if k not in dense and id(v) not in expert_ids]
     if missing:
-        raise CheckpointError(f"dense.safetensors lacks {missing[:5]} (model config changed since the checkpoint?)")
+        raise CheckpointMismatchError(
+            f"dense.safetensors lacks {missing[:5]} (model config changed since the checkpoint?)"
+        )
     with torch.no_grad():
         for k, v in dense.items():
             if k in own:
@@ -382,5 +389,5 @@ def _short(v: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-class ConfigDriftError(CheckpointError):
+class ConfigDriftError(CheckpointMismatchError):
     """A resume with a config that changes the model, the data or the optimizer (never a fallback case)."""

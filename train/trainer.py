@@ -43,8 +43,8 @@ from pipeline.split import dropped_units
 from train.checkpoint import (
     CheckpointError,
     CheckpointManager,
+    CheckpointMismatchError,
     CheckpointParts,
-    ConfigDriftError,
     check_config_drift,
 )
 from train.rundir import Preempted, Preemption, drop_rows_after
@@ -236,7 +236,8 @@ class Trainer:
     def _maybe_resume(self) -> None:
         """Resume from `training.resume`: every file is verified against its checkpoint's meta.json first; with
         'auto' a corrupt or unloadable checkpoint is reported in one line and the one written before it is
-        tried; a config that changes the model, data or optimizer stops the run (never a fallback). Collective."""
+        tried; one that does not fit this run (a config that changes the model, data or optimizer, another
+        model or expert layout) stops the run (never a fallback). Collective."""
         resume = self.cfg.training.resume
         candidates = self.ckpt.candidates(resume)
         for i, path in enumerate(candidates):
@@ -245,8 +246,8 @@ class Trainer:
                 self.config_changes = check_config_drift(path, meta, self.cfg.to_dict())
                 meta, state = self.ckpt.load(path)
                 break
-            except ConfigDriftError:
-                raise
+            except CheckpointMismatchError:
+                raise  # intact but another model / layout / config: an older checkpoint is no way out
             except CheckpointError as e:
                 if resume != "auto" or i == len(candidates) - 1:
                     raise

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,19 +20,35 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def train_sh(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """launch/train.sh configs/tiny.toml ARGS; output to a temporary file (`output`), never a pipe: a pipe
+    nobody reads while a test polls the run directory fills up and blocks the ranks' prints."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.Popen(
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(
         ["bash", str(REPO / "launch" / "train.sh"), str(REPO / "configs" / "tiny.toml"), *args],
         cwd=REPO,
         env=full_env,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
+
+
+def output(proc: subprocess.Popen) -> str:
+    """Everything the launcher printed so far."""
+    proc.log.seek(0)  # type: ignore[attr-defined]
+    return proc.log.read()  # type: ignore[attr-defined]
+
+
+def wait_output(proc: subprocess.Popen, timeout: float) -> str:
+    proc.wait(timeout=timeout)
+    return output(proc)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
-    out, _ = proc.communicate(timeout=timeout)
+    out = wait_output(proc, timeout)
     assert proc.returncode == 0, out[-4000:]
     return out
 
@@ -152,7 +169,7 @@ def test_elastic_restart_after_kill9_consumes_every_row_once(tmp_path) -> None:
     proc = train_sh(args, {"MAX_RESTARTS": "3"})
     deadline = time.time() + 240
     while not list((run / "checkpoints").glob("step_00000040")) and time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        assert proc.poll() is None, output(proc)[-4000:]
         time.sleep(0.2)
     victims = _workers(proc.pid)
     assert len(victims) == 2, victims
@@ -213,10 +230,10 @@ def test_sigterm_to_torchrun_checkpoints_and_the_same_command_resumes(tiny_data,
     proc = train_sh(args)
     deadline = time.time() + 240
     while not ((run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 5):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
+        assert proc.poll() is None and time.time() < deadline, output(proc)[-4000:]
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out = wait_output(proc, 120)
     assert proc.returncode != 0, out[-3000:]
     line = next(s for s in out.splitlines() if s.startswith("[preempted] at step "))
     step = int(line.split()[3].rstrip(":"))
@@ -243,7 +260,7 @@ def test_sigterm_to_torchrun_checkpoints_and_the_same_command_resumes(tiny_data,
 def test_train_sh_preflight_stops_bad_jobs_with_one_line(tiny_data, tmp_path, extra, expected) -> None:
     # Checked once before torchrun starts: one line on stderr, exit code 2, no rank ever launched.
     proc = train_sh(data_args(tiny_data, tmp_path / "run", *extra))
-    out, _ = proc.communicate(timeout=120)
+    out = wait_output(proc, 120)
     assert proc.returncode == 2, out[-3000:]
     lines = out.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], out
