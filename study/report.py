@@ -326,11 +326,15 @@ def launcher_line(launcher: str, jobs: int, nproc: int) -> str:
 def budget_line(steps_line: str, grid: list[float], seeds: list[int], tune_seed: int, tune_steps: int, cfg: Any) -> str:
     """The tuning budget every model got, in words (cfg: the base JobConfig)."""
     t = cfg.training
+    metric = t.early_stopping_metric
+    metric = metric if "/" in metric else f"{metric} (mean over tasks)"
+    has_valid = cfg.data.valid or cfg.data.valid_fraction > 0
+    on = f"its best validation {metric}" if has_valid else "mean eval AUC over tasks"
     if len(grid) == 1:
         return f"{steps_line}; fixed dense lr {grid[0]:g} (no tuning); seeds {seeds}"
     return (
         f"{steps_line}; dense lr grid {grid} ({t.optimizer}, {t.warmup_steps} warmup steps, {t.lr_decay} decay; "
-        f"embedding lr fixed at {cfg.embeddings.lr:g}) picked per model by mean eval AUC over tasks at seed "
+        f"embedding lr fixed at {cfg.embeddings.lr:g}) picked per model by {on} at seed "
         f"{tune_seed} with {tune_steps} steps (the same schedule, compressed); then seeds {seeds} at the picked lr"
     )
 

@@ -243,13 +243,28 @@ def _job(tree: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _same_job(stored: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether a finished run was trained from this job: every setting both trees have is equal (a setting
+    on one side only was added or removed by another version of this code, whose default keeps the old
+    behaviour, as on resume)."""
+
+    def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+        return out
+
+    a, b = flat(_job(stored)), flat(_job(wanted))
+    return all(a[k] == b[k] for k in a.keys() & b.keys())
+
+
 def execute(run: Run, spec: StudySpec) -> tuple[dict[str, Any], bool]:
     """Train one run in a subprocess unless OUT/runs/<id>/summary.json exists; (record, trained)."""
     run_dir = Path(run.tree["training"]["output_dir"])
     summary_path = run_dir / "summary.json"
     trained = not summary_path.exists()
     stored = run_dir / "job.toml"
-    if not trained and stored.exists() and _job(tomllib.loads(stored.read_text())) != _job(run.tree):
+    if not trained and stored.exists() and not _same_job(tomllib.loads(stored.read_text()), run.tree):
         raise StudyError(f"{run_dir} was trained from another config ({stored} differs): delete it or change --out")
     if trained:
         shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run restarts from scratch

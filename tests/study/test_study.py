@@ -162,6 +162,14 @@ def test_study_end_to_end_and_resume(tmp_path: Path) -> None:
     assert [p.stat().st_mtime_ns for p in summaries] == stamps
 
 
+def test_reuse_ignores_settings_another_code_version_added() -> None:
+    stored = {"training": {"lr": 0.003, "output_dir": "a"}, "data": {"batch_size": 64}}
+    newer = {"training": {"lr": 0.003, "output_dir": "b"}, "data": {"batch_size": 64, "verify_checksums": True}}
+    assert study._same_job(stored, newer)  # a field added since (its default keeps the old behaviour)
+    changed = {"training": {"lr": 0.01, "output_dir": "a"}, "data": {"batch_size": 64}}
+    assert not study._same_job(stored, changed)
+
+
 def test_grid_option_parses_typed_values_and_multiplies_points(tmp_path: Path) -> None:
     grid = study.parse_grid(["model.dropout=0,0.1", "features.dense_buckets=32,128"])
     assert grid == {"model.dropout": [0.0, 0.1], "features.dense_buckets": [32, 128]}
