@@ -35,7 +35,7 @@ from typing import Any
 import tomli_w
 
 from config import ConfigError, JobConfig, load_config
-from pipeline.plan import plan_dataset
+from pipeline.plan import carve_tail, plan_dataset
 from schema.tree import parse_value, resolve, set_dotted
 from study import report
 
@@ -370,7 +370,14 @@ def run_study(args: argparse.Namespace, overrides: list[str], argv: list[str]) -
     report.ensure_data(base, spec.synth)
     tasks = list(cfg.features.labels)
 
-    train_rows = plan_dataset(cfg.data.train, cfg.data, cfg.features).num_rows
+    train_plan = plan_dataset(cfg.data.train, cfg.data, cfg.features)
+    valid_rows = 0
+    if cfg.data.valid_fraction > 0:  # the carved rows are never trained on: a pass is over the rest
+        train_plan, valid_plan = carve_tail(train_plan, cfg.data.valid_fraction)
+        valid_rows = valid_plan.num_rows
+    elif cfg.data.valid:
+        valid_rows = plan_dataset(cfg.data.valid, cfg.data, cfg.features).num_rows
+    train_rows = train_plan.num_rows
     eval_rows = plan_dataset(cfg.data.eval, cfg.data, cfg.features).num_rows
     full = args.steps or cfg.training.steps or cfg.training.epochs * (train_rows // cfg.data.batch_size)
     tune_steps = max(1, round(spec.tune_fraction * full))
@@ -408,7 +415,11 @@ def run_study(args: argparse.Namespace, overrides: list[str], argv: list[str]) -
     models = report.aggregate(by_arm, tasks, oracle)
     scaling = [report.scaling_point(n, fam, rid, done[rid]["summary"], tasks) for n, fam, rid in scale_meta]
     all_recs = list(tuned.values()) + list(done.values())
-    steps_line = f"one pass = {full} steps x global batch {cfg.data.batch_size} over {train_rows:,} train rows per run"
+    per_pass = max(1, train_rows // cfg.data.batch_size)
+    passes = "one pass" if full == per_pass else f"{full / per_pass:.3g} passes"
+    steps_line = f"{passes} = {full} steps x global batch {cfg.data.batch_size} over {train_rows:,} train rows per run"
+    if valid_rows:
+        steps_line += f" ({valid_rows:,} validation rows apart)"
     results = {
         "study": {
             "command": "python -m launch.study " + " ".join(argv),
