@@ -30,12 +30,39 @@ def _cuda_visible() -> bool:
     return torch.cuda.is_available()
 
 
+STALE_BUILD_LOCK_S = 900
+"""A JIT-build lock older than this is an orphan: DeepSpeed's op builds in ~40 s (5 min on a loaded machine)."""
+
+
+def clear_stale_build_locks(root: Path, max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """Remove the `lock` files that torch's JIT build (DeepSpeed's ops) left under `root` when a process was
+    killed mid-build: torch waits on such a file forever, silently, in every later run. Returns the removed
+    ones (each reported in one line on stderr)."""
+    import time
+
+    removed = []
+    for lock in root.glob("*/lock") if root.is_dir() else []:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if age > max_age_s:
+            lock.unlink(missing_ok=True)
+            removed.append(lock)
+            print(
+                f"[env] removed {lock}: a JIT build left it {age / 60:.0f} min ago (killed mid-build?)", file=sys.stderr
+            )
+    return removed
+
+
 def setup_env() -> None:
-    """Set DS_ACCELERATOR, the project-local TORCH_EXTENSIONS_DIR and quiet defaults; idempotent."""
+    """Set DS_ACCELERATOR, the project-local TORCH_EXTENSIONS_DIR and quiet defaults, and clear orphaned
+    JIT-build locks there; idempotent."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(TORCH_EXTENSIONS_DIR))
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _cuda_visible() else "cpu")
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    clear_stale_build_locks(Path(os.environ["TORCH_EXTENSIONS_DIR"]))
 
 
 @dataclass(frozen=True)
