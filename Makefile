@@ -7,7 +7,7 @@ ROWS ?= 1500000
 RUN ?= default
 SMOKE ?=
 
-.PHONY: install train test lint format bench doctor data study clean
+.PHONY: install train test lint format bench gpu-check doctor data study clean
 
 install:
 	@bash launch/install.sh
@@ -35,6 +35,10 @@ format: install
 bench: install
 	@mkdir -p bench/results
 	$(PY) -m bench.run_all --out bench/results
+
+gpu-check: install
+	@mkdir -p bench/results
+	$(PY) -m bench.gpu_check --json bench/results/gpu_check.json
 
 doctor: install
 	$(PY) -m launch.doctor

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench.gpu_check import tune_routers
 from config import load_config
 from metrics.mfu import measure_gemm_flops
 from model.config import DenseInputSpec, ModelConfig, MoEConfig
@@ -124,23 +125,6 @@ def bench_blocks(k: int, batch: int, reps: int, T: int = 16, D: int = 768) -> di
         "speedup": t_att / t_mix,
         "flops_ratio": f_att / f_mix,
     }
-
-
-@torch.no_grad()
-def tune_routers(model: RankMixer, sparse: torch.Tensor, dense: torch.Tensor, activation: float) -> None:
-    """Set every inference-router bias so each (position, expert) is active on `activation` of the batch.
-
-    Layer by layer (a layer's input depends on the layers before it): capture the layer's input, then put
-    each expert's bias at minus the (1 - activation) quantile of its pre-activation.
-    """
-    captured: list[torch.Tensor] = []
-    for layer in moe_layers(model):
-        captured.clear()
-        handle = layer.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
-        model(sparse, dense)
-        handle.remove()
-        logits_TBE = torch.baddbmm(torch.zeros_like(layer.router_infer_b), captured[0], layer.router_infer_w)
-        layer.router_infer_b.copy_(-torch.quantile(logits_TBE, 1.0 - activation, dim=1, keepdim=True))
 
 
 def bench_sparse_inference(batch: int, reps: int, activation: float = 0.25) -> dict[str, float]:

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = ("pipeline", "model", "train", "serve", "faults")
+BENCHES = ("pipeline", "model", "train", "serve", "faults", "gpu_check")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
             mod = importlib.import_module(f"bench.{name}")
             result = mod.main(["--json", str(out / f"{name}.json")])
             print(f"[bench.{name}] {time.perf_counter() - t0:.0f}s -> {out / (name + '.json')}")
+            if isinstance(result, int) and not isinstance(result, bool) and result != 0:
+                raise RuntimeError(f"exit code {result}")  # gpu_check: a part failed (named in its JSON)
             if isinstance(result, dict) and not (out / f"{name}.json").exists():
                 (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         except Exception as e:  # noqa: BLE001 - run the others, then fail

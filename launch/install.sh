@@ -45,7 +45,9 @@ $PIP --no-deps --no-build-isolation -e .
 if [ $gpu = 0 ]; then
   echo "[install] pre-building DeepSpeed's CPU comm op into .build/torch_extensions"
   mkdir -p .build/torch_extensions
-  DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=$PWD/.build/torch_extensions $VENV/bin/python -c \
+  # the venv's pinned ninja first on PATH, as parallel.env.setup_env does for every run: another ninja
+  # version would read this build's log as stale and rebuild the op at the first training run
+  PATH="$VENV/bin:$PATH" DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=$PWD/.build/torch_extensions $VENV/bin/python -c \
     "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()" \
     >/dev/null
 fi

@@ -237,7 +237,8 @@ class EvalAccumulator:
         Args:
             tasks: the K task names, in label-column order.
             device: where a rank without rows keeps its (empty) tensors for the all-gather; default
-                the first update's device, else CPU. Pass the training device under NCCL.
+                the first update's device, else torch's default device. Pass the training device
+                (NCCL only reduces CUDA tensors).
             users: the user ids are real (features.user_id set); False: UAUC is NaN, not the AUC of one
                 "user" holding every row.
         """
@@ -281,7 +282,7 @@ class EvalAccumulator:
             {task: {"auc", "uauc", "logloss", "ne", "count", "ctr"}}, identical on every rank.
         """
         k = len(self.tasks)
-        device = self.device or torch.device("cpu")
+        device = self.device or torch.get_default_device()
         vals = torch.cat(self._vals) if self._vals else torch.zeros(0, 2 * k + 1, device=device)
         users = torch.cat(self._users) if self._users else torch.zeros(0, dtype=torch.int64, device=device)
         vals, users = _all_gather_rows(vals), _all_gather_rows(users)
@@ -310,15 +311,19 @@ class WindowedAUC:
         window: number of most recent `update` calls kept.
         distributed: all-gather the window over the default process group in `compute()` (a
             collective: then every rank must call it at the same steps); False = this rank only.
+        device: where the (empty) window lives before the first update; default torch's default
+            device. Pass the training device (NCCL only reduces CUDA tensors).
     """
 
-    def __init__(self, tasks: list[str], window: int, distributed: bool = False) -> None:
+    def __init__(
+        self, tasks: list[str], window: int, distributed: bool = False, device: torch.device | None = None
+    ) -> None:
         if window < 1:
             raise ValueError(f"WindowedAUC: window must be >= 1 (metrics.train_auc_window), got {window}")
         self.tasks = list(tasks)
         self.distributed = distributed
         self._steps: deque[Tensor] = deque(maxlen=window)  # each B x (2K + 1)
-        self._device = torch.device("cpu")
+        self._device = device or torch.get_default_device()
 
     def update(self, probs_BK: Tensor, labels_BK: Tensor, weights_B: Tensor) -> None:
         """Add one step's batch: B x K probabilities, B x K labels, B weights (0 = padding)."""

@@ -18,28 +18,32 @@ import json
 import math
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
 import torch
 
-# Dense (no sparsity) tensor-core peaks in FLOP/s per device, from the vendor datasheets.
-# bf16/fp16 share a value; "fp32" is the TF32 tensor-core peak (what fp32 matmuls use with TF32 on).
-# The first entry whose key is a substring of the device name wins: specific names come first.
+# Dense (no sparsity) peaks in FLOP/s per device, from the vendor datasheets: "bf16" (fp16 shares it),
+# "tf32" (fp32 matmuls on tensor cores: only when torch.backends.cuda.matmul.allow_tf32 is on) and
+# "fp32" (plain fp32, what fp32 matmuls run at with TF32 off, torch's default).
+# A key matches the device name as whole words ("L4" matches "NVIDIA L4", not "NVIDIA L40S");
+# the first match wins, so specific names come first.
 GPU_PEAKS: list[tuple[str, dict[str, float]]] = [
-    ("GH200", {"bf16": 989e12, "fp32": 494.5e12}),
-    ("H200", {"bf16": 989e12, "fp32": 494.5e12}),
-    ("H100 PCIe", {"bf16": 756e12, "fp32": 378e12}),
-    ("H100 NVL", {"bf16": 835e12, "fp32": 417.5e12}),
-    ("H100", {"bf16": 989e12, "fp32": 494.5e12}),
-    ("H800", {"bf16": 989e12, "fp32": 494.5e12}),
-    ("B200", {"bf16": 2250e12, "fp32": 1100e12}),
-    ("A100", {"bf16": 312e12, "fp32": 156e12}),
-    ("A800", {"bf16": 312e12, "fp32": 156e12}),
-    ("L40S", {"bf16": 362e12, "fp32": 183e12}),
-    ("A10G", {"bf16": 70e12, "fp32": 35e12}),
-    ("A10", {"bf16": 125e12, "fp32": 62.5e12}),
-    ("L4", {"bf16": 121e12, "fp32": 60e12}),
+    ("GH200", {"bf16": 989e12, "tf32": 494.5e12, "fp32": 67e12}),
+    ("H200", {"bf16": 989e12, "tf32": 494.5e12, "fp32": 67e12}),
+    ("H100 PCIe", {"bf16": 756e12, "tf32": 378e12, "fp32": 51e12}),
+    ("H100 NVL", {"bf16": 835e12, "tf32": 417.5e12, "fp32": 60e12}),
+    ("H100", {"bf16": 989e12, "tf32": 494.5e12, "fp32": 67e12}),
+    ("H800", {"bf16": 989e12, "tf32": 494.5e12, "fp32": 67e12}),
+    ("B200", {"bf16": 2250e12, "tf32": 1100e12, "fp32": 80e12}),
+    ("A100", {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+    ("A800", {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+    ("L40S", {"bf16": 362e12, "tf32": 183e12, "fp32": 91.6e12}),
+    ("L40", {"bf16": 181e12, "tf32": 90.5e12, "fp32": 90.5e12}),
+    ("A10G", {"bf16": 70e12, "tf32": 35e12, "fp32": 31.2e12}),
+    ("A10", {"bf16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12}),
+    ("L4", {"bf16": 121e12, "tf32": 60e12, "fp32": 30.3e12}),
 ]
 
 _DTYPES = {
@@ -59,11 +63,18 @@ def _dtype(dtype: str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def table_peak(device_name: str, dtype: str) -> float | None:
-    """Datasheet dense peak of a GPU named `device_name` in `dtype`, or None when not in the table."""
-    key = "fp32" if _dtype(dtype) == torch.float32 else "bf16"
+def table_peak(device_name: str, dtype: str, tf32: bool | None = None) -> float | None:
+    """Datasheet dense peak of a GPU named `device_name` in `dtype`, or None when not in the table.
+
+    fp32 reads the TF32 tensor-core peak only when TF32 matmuls are on (`tf32`; default: torch's
+    current `torch.backends.cuda.matmul.allow_tf32`), else the plain fp32 peak."""
+    if _dtype(dtype) == torch.float32:
+        on = torch.backends.cuda.matmul.allow_tf32 if tf32 is None else tf32
+        key = "tf32" if on else "fp32"
+    else:
+        key = "bf16"
     for name, peaks in GPU_PEAKS:
-        if name in device_name:
+        if re.search(rf"(?<![\w-]){re.escape(name)}(?![\w])", device_name):
             return peaks[key]
     return None
 
@@ -79,7 +90,7 @@ def measure_gemm_flops(
     Completion is forced with `.item()`, which works on every device.
     """
     torch_dtype = _dtype(dtype)
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    gen = torch.Generator().manual_seed(0)  # host generator; the matrices move to `device`
     best = 0.0
     # A 256^3 probe estimates the speed so a slow dtype does not turn start-up into minutes.
     for n in (256, *sizes):

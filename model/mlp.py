@@ -91,8 +91,18 @@ class Towers(nn.Module):
         )
 
     def forward(self, h_BD: Tensor) -> Tensor:
-        """h_BD: B x d_in -> logits_BK: B x K."""
-        return torch.cat([tower(h_BD) for tower in self.towers], dim=1)
+        """h_BD: B x d_in -> logits_BK: B x K, in fp32 also under bf16 autocast: each tower's last layer (one
+        logit) runs with autocast off, so scores are not rounded to bf16's 8 bits before the loss and AUC
+        (bf16 would tie scores that differ in the third digit)."""
+        logits = []
+        for tower in self.towers:
+            *body, head = tower
+            h = h_BD
+            for layer in body:
+                h = layer(h)
+            with torch.autocast(h.device.type, enabled=False):
+                logits.append(head(h.float()))
+        return torch.cat(logits, dim=1)
 
     def flops_per_sample(self) -> float:
         return linear_flops(self)

@@ -93,16 +93,20 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
     Call after `engine.backward` (gradients already reduced). Non-expert gradients are identical on
     every rank; expert gradients of each expert-parallel rank are summed over its group.
     """
-    shared_sq = torch.zeros((), dtype=torch.float64)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    # sums of squares stay on the gradients' device (the expert parts are all-reduced there, the
+    # backend's device): one host sync per step, for the returned norm
+    device = grads[0].device
+    shared_sq = torch.zeros((), dtype=torch.float64, device=device)
     expert_sq: dict[str, torch.Tensor] = {}
-    grads = []
     for p in model.parameters():
         if p.grad is None:
             continue
-        grads.append(p.grad)
-        sq = p.grad.detach().double().pow(2).sum().cpu()
+        sq = p.grad.detach().double().pow(2).sum()
         if is_moe_param(p):
-            expert_sq[p.group_name] = expert_sq.get(p.group_name, torch.zeros((), dtype=torch.float64)) + sq
+            expert_sq[p.group_name] = expert_sq.get(p.group_name, torch.zeros_like(shared_sq)) + sq
         else:
             shared_sq += sq
     total = shared_sq
@@ -110,10 +114,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
         part = expert_sq[name]
         group = groups._get_expert_parallel_group(name)
         if dist.get_world_size(group) > 1:
-            device = grads[0].device
-            part_d = part.to(device)
-            dist.all_reduce(part_d, group=group)
-            part = part_d.cpu()
+            dist.all_reduce(part, group=group)
         total = total + part
     norm = float(total.sqrt())
     if max_norm > 0 and norm > max_norm:

@@ -55,10 +55,25 @@ def clear_stale_build_locks(root: Path, max_age_s: float = STALE_BUILD_LOCK_S) -
     return removed
 
 
+def pin_ninja() -> None:
+    """Put this interpreter's bin folder first on PATH when it holds `ninja` (requirements.lock pins it), so
+    every process JIT-builds DeepSpeed's op with the same ninja. Two ninja versions hash build commands
+    differently (1.11 and 1.13 do): each one reads the other's log as "command line changed" and rebuilds
+    the op (~40 s), which is what happened when a test ran with the venv first on PATH and the next without."""
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    if (Path(bin_dir) / "ninja").exists() and path[:1] != [bin_dir]:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, *(p for p in path if p != bin_dir)])
+
+
 def setup_env() -> None:
-    """Set DS_ACCELERATOR, the project-local TORCH_EXTENSIONS_DIR and quiet defaults, and clear orphaned
-    JIT-build locks there; idempotent."""
+    """Set DS_ACCELERATOR, the project-local TORCH_EXTENSIONS_DIR, the pinned ninja first on PATH, cuBLAS's
+    deterministic workspace and quiet defaults, and clear orphaned JIT-build locks; idempotent."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(TORCH_EXTENSIONS_DIR))
+    pin_ninja()
+    # training.deterministic on CUDA: cuBLAS is deterministic only with a fixed workspace (else torch warns
+    # at every matmul); set before CUDA starts, harmless on CPU
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _cuda_visible() else "cpu")
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -20,8 +20,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 NOT_RERUN = ("make train", "make test")
 """The two set-up commands: CI runs `make test` itself; `make train` is minutes of CPU."""
-ILLUSTRATIONS = (r"^make study\b", r"^python -m launch\.study .*/my/", r"^NNODES=2 ", r"^\s+launch/train\.sh ", r"^#")
-"""What ```text blocks may hold: the full study (about an hour), a study on a user's data, the 2-node x 8-GPU launch."""
+ILLUSTRATIONS = (
+    r"^make study\b",
+    r"^python -m launch\.study .*/my/",
+    r"^NNODES=2 ",
+    r"^\s+launch/train\.sh ",
+    r"^#",
+    r"^python3 -m bench\.gpu_check$",
+    r"^make gpu-check$",
+)
+"""What ```text blocks may hold: the full study (about an hour), a study on a user's data, the 2-node x 8-GPU
+launch, the device check on a GPU machine."""
 
 
 def blocks(text: str, lang: str) -> list[list[str]]:

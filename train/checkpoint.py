@@ -119,16 +119,22 @@ def _dense_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _rng_state() -> dict[str, Any]:
+    """This rank's RNG states: torch (CPU), this rank's CUDA device when CUDA is in use, numpy, Python."""
     np_state = np.random.get_state()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device: this rank's (set by init_distributed)
+    return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     npst = state["numpy"]
     np.random.set_state((npst[0], npst[1].numpy().astype(np.uint32), *npst[2:]))
     py = state["python"]

@@ -34,6 +34,7 @@ from metrics.tracking import MetricsLogger
 from model.dense_input import dense_inputs
 from model.zoo import build_model
 from parallel.distributed import DistInfo, all_gather_object, all_reduce_sum, average_buffers, broadcast_object
+from parallel.env import REPO
 from parallel.layout import parallelize
 from pipeline import dense_prep
 from pipeline.audit import MOD
@@ -120,8 +121,10 @@ class Trainer:
         # Metrics.
         self.tasks = list(f.labels)
         self.flops_train = self.model.flops_per_sample(training=True)
-        self.peak, self.peak_source = peak_flops(self.device, t.dtype, cfg.metrics.peak_flops, cache_dir=Path(".build"))
-        self.window_auc = WindowedAUC(self.tasks, cfg.metrics.train_auc_window)
+        self.peak, self.peak_source = peak_flops(
+            self.device, t.dtype, cfg.metrics.peak_flops, cache_dir=REPO / ".build"
+        )
+        self.window_auc = WindowedAUC(self.tasks, cfg.metrics.train_auc_window, device=self.device)
         self.step = 0
         self.epoch = 0
         self.audits: list[dict[str, int]] = []

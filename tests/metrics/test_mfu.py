@@ -20,7 +20,16 @@ def test_gpu_table_and_override():
     assert table_peak("NVIDIA H100 80GB HBM3", "bf16") == 989e12
     assert table_peak("NVIDIA H100 PCIe", "bf16") == 756e12
     assert table_peak("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
-    assert table_peak("NVIDIA A100-SXM4-80GB", "fp32") == 156e12
+    # fp32 matmuls run on tensor cores only with TF32 on (off by default in torch): the peak follows
+    assert table_peak("NVIDIA A100-SXM4-80GB", "fp32", tf32=True) == 156e12
+    assert table_peak("NVIDIA A100-SXM4-80GB", "fp32", tf32=False) == 19.5e12
+    assert table_peak("NVIDIA H200", "fp32") == (494.5e12 if torch.backends.cuda.matmul.allow_tf32 else 67e12)
+    # names match as whole words: an L40S is not an L40 nor an L4
+    assert table_peak("NVIDIA L4", "bf16") == 121e12
+    assert table_peak("NVIDIA L40S", "bf16") == 362e12
+    assert table_peak("NVIDIA L40", "bf16") == 181e12
+    assert table_peak("NVIDIA A10", "bf16") == 125e12
+    assert table_peak("NVIDIA A100 80GB PCIe", "bf16") == 312e12
     assert table_peak("Some Future GPU", "bf16") is None
     assert peak_flops(CPU, "fp32", override=5e11) == (5e11, "override")
     with pytest.raises(ValueError, match="training.dtype"):

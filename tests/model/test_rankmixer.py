@@ -142,3 +142,20 @@ def test_build_is_deterministic_and_leaves_the_global_rng_alone() -> None:
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.tokenizer.proj_w, c.tokenizer.proj_w)
     assert "blocks.0.ffn.l1_lambda" in a.state_dict()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_logits_stay_fp32_under_bf16_autocast(name: str) -> None:
+    """The towers' last layer runs outside autocast: logits are fp32 (not bf16-rounded) for the loss and AUC,
+    and equal that layer applied in fp32 to the (bf16) hidden activations."""
+    model = build_model(_cfg(name), MoEConfig(), sparse_dim=E, dense=DenseInputSpec(N), num_tasks=K)
+    sparse, dense, _ = _batch()
+    captured: list[torch.Tensor] = []
+    head = model.towers.towers[0][-1]
+    handle = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits_BK = model(sparse, dense).logits_BK
+    handle.remove()
+    assert logits_BK.dtype == torch.float32
+    torch.testing.assert_close(logits_BK[:, :1], head(captured[0].float()), rtol=0, atol=0)
+    assert (logits_BK - logits_BK.bfloat16().float()).abs().max() > 0  # not rounded to bf16

@@ -1,0 +1,540 @@
+"""One-shot device check: what this project does on one accelerator, in one run, written to one JSON.
+
+    python -m bench.gpu_check [--device auto|cuda|cpu] [--json FILE] [--batches 2048,8192,32768]
+                              [--no-compile] [--trainer-steps 50] [--trainer-config FILE]
+
+Made for a bare GPU machine where only PyTorch (any 2.x) is installed and nothing can be downloaded:
+parts (a) need `model/` and torch alone; part (b) runs only when torchrec and fbgemm-gpu import.
+
+(a) always, on the chosen device:
+    1. GEMM ceilings measured in this run: bf16 (and fp32 with TF32 off and on) square matmuls.
+    2. The dense step of the RankMixer-100M shape (configs/rankmixer_100m.toml: T 16, D 768, L 2,
+       k 3; dense blocks; model/ only; random inputs standing in for the pooled embeddings): forward +
+       backward + Adam under bf16 autocast with fp32 master weights (the trainer's `training.dtype =
+       bf16`), at several batch sizes, eager and (unless --no-compile) `torch.compile`d. MFU =
+       analytic training FLOPs (3 x forward) x samples/s over the device's datasheet bf16 peak
+       (`metrics.mfu.GPU_PEAKS`) and over the bf16 GEMM measured in step 1.
+    3. One RankMixer block (parameter-free token mixing + per-token FFN) against one self-attention
+       block of the same T, D, k, forward + backward in bf16.
+    4. Sparse inference (zero-gate experts skipped) against dense inference of the same per-token MoE
+       model (100M shape, 4 experts of width D per token, routers tuned to activation 1/4); the two
+       paths' outputs are compared in fp32 first, then both are timed in bf16.
+(b) when torchrec and fbgemm_gpu import: the full trainer (`launch.train` under torchrun, one
+    process: NCCL on a GPU, gloo on CPU) for --trainer-steps steps on freshly synthesised data; its
+    samples/s, MFU and wall time from the run's summary.json.
+(c) one JSON (--json) with every figure, the environment, and each part's error if it failed (a part
+    that fails does not stop the others; the exit code is 1 when any part failed).
+
+`--device cpu` (the default without a GPU) runs the same code at smoke sizes, so CI keeps it working.
+
+Legend: B batch, T tokens, D width, K tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `python bench/gpu_check.py` from anywhere
+    sys.path.insert(0, str(REPO))
+
+from metrics.mfu import measure_gemm_flops, table_peak  # noqa: E402
+from model.config import DenseInputSpec, ModelConfig, MoEConfig  # noqa: E402
+from model.ffn import PerTokenFFN  # noqa: E402
+from model.mixing import SelfAttention, TokenMixing  # noqa: E402
+from model.moe import moe_layers  # noqa: E402
+from model.output import task_loss  # noqa: E402
+from model.rankmixer import Block, RankMixer  # noqa: E402
+
+CONFIG_100M = REPO / "configs" / "rankmixer_100m.toml"
+SMOKE_MODEL = {"num_tokens": 4, "d_model": 32, "num_layers": 1, "ffn_mult": 2, "tower_hidden": [16]}
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_per_call(fns: list[Callable[[], object]], device: torch.device, iters: int, reps: int) -> list[float]:
+    """Seconds per call of each `fn`: `iters` calls back to back then a device sync, timed `reps` times,
+    the median kept; the functions interleaved round by round (after 2 warm-up calls each)."""
+    for fn in fns:
+        for _ in range(2):
+            fn()
+    sync(device)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            sync(device)
+            times[i].append((time.perf_counter() - t0) / iters)
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
+@torch.no_grad()
+def tune_routers(model: RankMixer, sparse: torch.Tensor, dense: torch.Tensor, activation: float) -> None:
+    """Set every inference-router bias so each (position, expert) is active on `activation` of the batch.
+
+    Layer by layer (a layer's input depends on the layers before it): capture the layer's input, then put
+    each expert's bias at minus the (1 - activation) quantile of its pre-activation.
+    """
+    captured: list[torch.Tensor] = []
+    for layer in moe_layers(model):
+        captured.clear()
+        handle = layer.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+        model(sparse, dense)
+        handle.remove()
+        logits_TBE = torch.baddbmm(torch.zeros_like(layer.router_infer_b), captured[0], layer.router_infer_w)
+        layer.router_infer_b.copy_(-torch.quantile(logits_TBE, 1.0 - activation, dim=1, keepdim=True))
+
+
+def model_shape(path: Path, smoke: bool) -> tuple[ModelConfig, int, int, int]:
+    """(model config, sparse input width, dense features, tasks) of a job TOML, read with tomllib alone
+    (no project config loader: it needs packages a bare GPU machine lacks). Smoke: a tiny model."""
+    job = tomllib.loads(path.read_text())
+    feats = job["features"]
+    model = {k: v for k, v in job["model"].items() if k != "name"}
+    if smoke:
+        model.update(SMOKE_MODEL)
+    return ModelConfig(**model), sum(f["dim"] for f in feats["sparse"]), len(feats["dense"]), len(feats["labels"])
+
+
+def inputs(
+    batch: int, sparse_dim: int, num_dense: int, num_tasks: int, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """Random (B x sparse_dim pooled embeddings, B x F dense, B x K 0/1 labels) on `device`."""
+    g = torch.Generator().manual_seed(0)
+    return tuple(
+        t.to(device)
+        for t in (
+            torch.randn(batch, sparse_dim, generator=g),
+            torch.randn(batch, num_dense, generator=g),
+            (torch.rand(batch, num_tasks, generator=g) > 0.5).float(),
+        )
+    )
+
+
+def env_info(device: torch.device) -> dict[str, Any]:
+    """Versions, device name and what the device supports."""
+    info: dict[str, Any] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "hostname": platform.node(),
+        "torchrec": importlib.util.find_spec("torchrec") is not None,
+        "fbgemm_gpu": importlib.util.find_spec("fbgemm_gpu") is not None,
+        "deepspeed": importlib.util.find_spec("deepspeed") is not None,
+    }
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(
+            device_name=p.name,
+            capability=f"{p.major}.{p.minor}",
+            multiprocessors=p.multi_processor_count,
+            memory_gib=p.total_memory / 2**30,
+            cuda=torch.version.cuda,
+            bf16_supported=torch.cuda.is_bf16_supported(),
+        )
+    else:
+        info.update(device_name=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    return info
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """TF32 matmuls on/off inside the block (restored after)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def gemm_ceilings(device: torch.device, smoke: bool) -> dict[str, float]:
+    """Best measured FLOP/s of square GEMMs: bf16, fp32 (TF32 off) and, on CUDA, fp32 with TF32 on."""
+    sizes = (512,) if smoke else ((4096, 8192) if device.type == "cuda" else (2048,))
+    out = {"bf16": measure_gemm_flops(device, "bf16", sizes=sizes, repeats=3)}
+    with tf32(False):
+        out["fp32"] = measure_gemm_flops(device, "fp32", sizes=sizes, repeats=3)
+    if device.type == "cuda":
+        with tf32(True):
+            out["tf32"] = measure_gemm_flops(device, "fp32", sizes=sizes, repeats=3)
+    return out
+
+
+def top_kernels(step: Callable[[], None], device: torch.device, steps: int = 3, top: int = 15) -> list[dict[str, Any]]:
+    """Where a step's device time goes: the `top` operators by self device time over `steps` profiled
+    steps (torch.profiler), each with its share of the total device time and calls per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+
+    def self_time(e: Any) -> float:
+        if device.type != "cuda":
+            return float(e.self_cpu_time_total)
+        return float(getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0))
+
+    events = [e for e in prof.key_averages() if self_time(e) > 0]
+    if device.type == "cuda":  # the kernels themselves (operators would count their kernels' time twice)
+        kernels = [e for e in events if "CUDA" in str(getattr(e, "device_type", ""))]
+        events = kernels or events
+    total = sum(self_time(e) for e in events)
+    events.sort(key=self_time, reverse=True)
+    return [
+        {
+            "op": e.key[:120],
+            "share": self_time(e) / total,
+            "ms_per_step": self_time(e) / 1e3 / steps,
+            "calls_per_step": e.count / steps,
+        }
+        for e in events[:top]
+    ]
+
+
+def dense_step(
+    device: torch.device, batch: int, compiled: bool, smoke: bool, iters: int, reps: int, profile: bool = False
+) -> dict[str, Any]:
+    """Forward + backward + Adam of the RankMixer-100M shape under bf16 autocast; seconds per step and
+    achieved model TFLOP/s (analytic training FLOPs); with `profile`, the top operators by device time."""
+    cfg, sparse_dim, num_dense, num_tasks = model_shape(CONFIG_100M, smoke)
+    torch.manual_seed(0)
+    model = RankMixer(cfg, MoEConfig(), sparse_dim=sparse_dim, dense=DenseInputSpec(num_dense), num_tasks=num_tasks)
+    model = model.to(device)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, **fused)
+    sparse, dense, labels = inputs(batch, sparse_dim, num_dense, num_tasks, device)
+    forward = torch.compile(model) if compiled else model
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = forward(sparse, dense)
+        (task_loss(out.logits_BK.float(), labels)[0] + out.reg_loss).backward()
+        opt.step()
+
+    t0 = time.perf_counter()
+    step()  # the first call compiles
+    sync(device)
+    first_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    (dt,) = time_per_call([step], device, iters, reps)
+    flops = model.flops_per_sample(training=True) * batch
+    res = {
+        "batch": float(batch),
+        "params_m": model.num_params() / 1e6,
+        "first_step_s": first_s,
+        "step_s": dt,
+        "samples_per_s": batch / dt,
+        "model_tflops": flops / dt / 1e12,
+    }
+    if device.type == "cuda":
+        res["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if profile:
+        res["profile"] = top_kernels(step, device)
+    return res
+
+
+def blocks(device: torch.device, batch: int, smoke: bool, iters: int, reps: int) -> dict[str, float]:
+    """One mixing block vs one self-attention block (T, D, k of the 100M shape), fwd + bwd in bf16."""
+    cfg, *_ = model_shape(CONFIG_100M, smoke)
+    T, D, k = cfg.num_tokens, cfg.d_model, cfg.ffn_mult
+    gen = torch.Generator().manual_seed(0)
+    mixing = Block(TokenMixing(T, D), PerTokenFFN(T, D, k, gen), D).to(device)
+    attention = Block(SelfAttention(T, D, 0, gen), PerTokenFFN(T, D, k, gen), D).to(device)
+    x_TBD = torch.randn(T, batch, D, generator=gen).to(device)
+    w_TBD = torch.randn(T, batch, D, generator=gen).to(device)
+
+    def step(block: torch.nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            block.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                y_TBD, _, _ = block(x_TBD)
+            (y_TBD.float() * w_TBD).sum().backward()
+
+        return run
+
+    t_mix, t_att = time_per_call([step(mixing), step(attention)], device, iters, reps)
+    f_mix, f_att = 3 * mixing.flops_per_sample() * batch, 3 * attention.flops_per_sample() * batch
+    return {
+        "batch": float(batch),
+        "mixing_s": t_mix,
+        "attention_s": t_att,
+        "speedup": t_att / t_mix,
+        "flops_ratio": f_att / f_mix,
+        "mixing_tflops": f_mix / t_mix / 1e12,
+        "attention_tflops": f_att / t_att / 1e12,
+    }
+
+
+def sparse_inference(device: torch.device, batch: int, smoke: bool, iters: int, reps: int) -> dict[str, float]:
+    """Sparse vs dense inference of one per-token MoE model at activation 1/4 (bf16 autocast)."""
+    cfg, sparse_dim, num_dense, num_tasks = model_shape(CONFIG_100M, smoke)
+    torch.manual_seed(0)
+    moe = MoEConfig(enabled=True, num_experts=4, expert_mult=1, target_activation=0.25)
+    model = RankMixer(cfg, moe, sparse_dim=sparse_dim, dense=DenseInputSpec(num_dense), num_tasks=num_tasks)
+    model = model.to(device).eval()
+    sparse, dense, _ = inputs(batch, sparse_dim, num_dense, num_tasks, device)
+    with torch.no_grad():
+        tune_routers(model, sparse, dense, 0.25)
+    layers = moe_layers(model)
+
+    def run(sparse_path: bool, bf16: bool) -> Callable[[], torch.Tensor]:
+        def fwd() -> torch.Tensor:
+            for layer in layers:
+                layer.sparse_inference = sparse_path
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                return model(sparse, dense).logits_BK
+
+        return fwd
+
+    diff = float((run(True, False)() - run(False, False)()).abs().max())
+    activation = float(torch.stack([m.last_active for m in layers]).mean())
+    t_dense, t_sparse = time_per_call([run(False, True), run(True, True)], device, iters, reps)
+    return {
+        "batch": float(batch),
+        "activation": activation,
+        "max_abs_diff_fp32": diff,
+        "dense_s": t_dense,
+        "sparse_s": t_sparse,
+        "speedup": t_dense / t_sparse,
+        "dense_tflops": model.flops_per_sample(activation=1.0) * batch / t_dense / 1e12,
+        "sparse_tflops": model.flops_per_sample(activation=activation) * batch / t_sparse / 1e12,
+    }
+
+
+def trainer_run(device: torch.device, steps: int, config: Path, rows: int) -> dict[str, Any]:
+    """`launch.train` under torchrun (1 process) for `steps` steps on freshly synthesised data; the
+    figures of its summary.json. Raises with the run's output tail when it fails."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "PYTHONUNBUFFERED": "1",
+        "TORCH_EXTENSIONS_DIR": str(REPO / ".build" / "torch_extensions"),
+    }
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        data, run = Path(tmp) / "data", Path(tmp) / "run"
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipeline.tools.synth",
+                "--out",
+                str(data),
+                "--rows",
+                str(rows),
+                "--files",
+                "2",
+                "--seed",
+                "0",
+            ],
+            cwd=REPO,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+            "-m", "launch.train",
+            "--config", str(config), "--data.train", str(data / "train"), "--data.eval", str(data / "eval"),
+            "--training.output_dir", str(run), "--training.steps", str(steps), "--training.eval_every", "0",
+            "--training.dtype", "bf16" if device.type == "cuda" else "fp32",
+        ]  # fmt: skip
+        with tempfile.TemporaryFile(mode="w+") as log:  # a file, not a pipe: nobody reads while it runs
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+            wall = time.perf_counter() - t0
+            log.seek(0)
+            text = log.read()
+        if proc.returncode != 0:
+            raise RuntimeError(f"launch.train exited {proc.returncode}:\n{text[-3000:]}")
+        s = json.loads((run / "summary.json").read_text())
+    return {
+        "config": str(config.relative_to(REPO)),
+        "steps": s["steps"],
+        "samples_per_s": s["samples_per_s"],
+        "mfu": s["mfu"],
+        "peak_flops_source": s["peak_flops_source"],
+        "params": s["params"],
+        "eval": s["eval"],
+        "launch_wall_s": wall,
+    }
+
+
+def _part(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> None:
+    """Run one part; its result, or its error with the traceback's tail, goes to results[name]."""
+    t0 = time.perf_counter()
+    try:
+        results[name] = fn()
+    except Exception as exc:  # noqa: BLE001 - one part failing must not stop the others
+        results[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
+        print(f"[gpu_check] {name} FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
+    print(f"[gpu_check] {name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+
+def _summarize(res: dict[str, Any]) -> None:
+    """Headline figures derived from the parts (MFU of the best dense step, against both peaks)."""
+    steps = [r for r in res.get("dense_step", []) if isinstance(r, dict) and "model_tflops" in r]
+    gemm = res.get("gemm_tflops", {})
+    if not steps:
+        return
+    best = max(steps, key=lambda r: r["model_tflops"])
+    head: dict[str, Any] = {"best_dense_step": best, "dense_step_tflops": best["model_tflops"]}
+    if isinstance(gemm, dict) and gemm.get("bf16"):
+        head["mfu_vs_measured_bf16_gemm"] = best["model_tflops"] / gemm["bf16"]
+    peak = table_peak(res["env"].get("device_name", ""), "bf16") if res["env"]["device"].startswith("cuda") else None
+    if peak:
+        head["datasheet_bf16_tflops"] = peak / 1e12
+        head["mfu_vs_datasheet_bf16"] = best["model_tflops"] * 1e12 / peak
+    res["headline"] = head
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every part, print the figures, write the JSON; exit code 1 when a part failed."""
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto = cuda when available")
+    p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "gpu_check.json", help="output file")
+    p.add_argument("--batches", default="", help="dense-step batch sizes (default 2048,8192,32768 on CUDA; 64 on CPU)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant of the dense step")
+    p.add_argument("--profile", action="store_true", help="top operators by device time of the last dense step")
+    p.add_argument("--trainer-steps", type=int, default=50, help="steps of part (b); 0 skips it")
+    p.add_argument(
+        "--trainer-config", type=Path, default=None, help="job of part (b) (default: tiny on CPU, default on CUDA)"
+    )
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
+    on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", 0) if on_cuda else torch.device("cpu")
+    smoke = not on_cuda  # CPU: smoke sizes (the point is that the code runs)
+    batches = [int(b) for b in args.batches.split(",") if b] or ([2048, 8192, 32768] if on_cuda else [64])
+    iters, reps = (20, 5) if on_cuda else (2, 2)
+    probe_batch = 8192 if on_cuda else 64
+    t_start = time.perf_counter()
+    res: dict[str, Any] = {"env": env_info(device), "smoke": smoke}
+    print(f"[gpu_check] {res['env']}", file=sys.stderr)
+    _part(res, "gemm_tflops", lambda: {k: v / 1e12 for k, v in gemm_ceilings(device, smoke).items()})
+    variants = [False] + ([] if args.no_compile or not on_cuda else [True])
+    last = (variants[-1], batches[-1])  # the variant --profile looks inside
+    res["dense_step"] = []
+    for compiled in variants:
+        for b in batches:
+            box: dict[str, Any] = {}
+            _part(
+                box,
+                f"dense_step b={b} compiled={compiled}",
+                lambda b=b, compiled=compiled: dense_step(
+                    device, b, compiled, smoke, iters, reps, profile=args.profile and (compiled, b) == last
+                ),
+            )
+            (r,) = box.values()
+            res["dense_step"].append(
+                {"compiled": compiled, **r} if "error" not in r else {"compiled": compiled, "batch": b, **r}
+            )
+            if on_cuda:
+                torch.cuda.empty_cache()
+    _part(res, "mixing_vs_attention", lambda: blocks(device, probe_batch, smoke, iters, reps))
+    _part(res, "sparse_inference", lambda: sparse_inference(device, probe_batch, smoke, iters, reps))
+    trainer_ok = res["env"]["torchrec"] and res["env"]["fbgemm_gpu"] and res["env"]["deepspeed"]
+    if args.trainer_steps > 0 and trainer_ok:
+        config = args.trainer_config or REPO / "configs" / ("default.toml" if on_cuda else "tiny.toml")
+        rows = 400_000 if on_cuda else 4000
+        _part(res, "trainer", lambda: trainer_run(device, args.trainer_steps, config, rows))
+    else:
+        missing = [m for m in ("torchrec", "fbgemm_gpu", "deepspeed") if not res["env"][m]]
+        res["trainer"] = {
+            "skipped": "--trainer-steps 0" if args.trainer_steps <= 0 else f"not importable: {', '.join(missing)}"
+        }
+    _summarize(res)
+    res["total_s"] = time.perf_counter() - t_start
+    failed = [k for k, v in res.items() if isinstance(v, dict) and "error" in v]
+    failed += [f"dense_step b={int(r['batch'])}" for r in res["dense_step"] if "error" in r]
+    res["failed"] = failed
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    _print(res)
+    print(f"[gpu_check] wrote {args.json}" + (f"; FAILED: {', '.join(failed)}" if failed else ""), file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _print(res: dict[str, Any]) -> None:
+    """The figures, one line each."""
+    env = res["env"]
+    print(f"gpu_check  {env['device_name']}  torch {env['torch']}  {'smoke sizes' if res['smoke'] else ''}")
+    g = res.get("gemm_tflops", {})
+    if "error" not in g:
+        print("  GEMM ceilings (TFLOP/s): " + ", ".join(f"{k} {v:.1f}" for k, v in g.items()))
+    for r in res["dense_step"]:
+        if "error" in r:
+            print(f"  dense step b={int(r['batch'])} compiled={r['compiled']}: FAILED {r['error']}")
+            continue
+        mfu = r["model_tflops"] / g["bf16"] if g.get("bf16") else math.nan
+        print(
+            f"  dense step b={int(r['batch']):6d} {'compiled' if r['compiled'] else 'eager   '}  "
+            f"{r['step_s'] * 1e3:8.2f} ms  "
+            f"{r['samples_per_s']:12,.0f} samples/s  {r['model_tflops']:7.2f} TFLOP/s  MFU vs bf16 GEMM {mfu:.3f}"
+        )
+    for r in res["dense_step"]:
+        for k in r.get("profile", [])[:10]:
+            print(
+                f"    {k['share']:6.1%}  {k['ms_per_step']:7.2f} ms/step  x{k['calls_per_step']:<5.0f} {k['op'][:80]}"
+            )
+    h = res.get("headline", {})
+    if "mfu_vs_datasheet_bf16" in h:
+        print(
+            f"  best dense step: MFU {h['mfu_vs_datasheet_bf16']:.3f} of the datasheet bf16 peak "
+            f"({h['datasheet_bf16_tflops']:.0f} TFLOP/s)"
+        )
+    for name, key in (
+        ("mixing vs attention", "mixing_vs_attention"),
+        ("sparse vs dense inference", "sparse_inference"),
+    ):
+        r = res.get(key, {})
+        if "error" in r:
+            print(f"  {name}: FAILED {r['error']}")
+        elif key == "mixing_vs_attention":
+            print(
+                f"  {name}: time ratio {r['speedup']:.2f} (FLOPs ratio {r['flops_ratio']:.2f}), "
+                f"{r['mixing_tflops']:.1f} / {r['attention_tflops']:.1f} TFLOP/s"
+            )
+        else:
+            print(
+                f"  {name}: {r['speedup']:.2f}x at activation {r['activation']:.3f} "
+                f"(fp32 max |diff| {r['max_abs_diff_fp32']:.1e})"
+            )
+    t = res.get("trainer", {})
+    if "samples_per_s" in t:
+        print(f"  trainer ({t['config']}, {t['steps']} steps): {t['samples_per_s']:,.0f} samples/s, MFU {t['mfu']:.3f}")
+    else:
+        print(f"  trainer: {t.get('skipped') or 'FAILED ' + str(t.get('error'))}")
+    print(f"  total {res['total_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
