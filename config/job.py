@@ -83,6 +83,15 @@ def validate_job(cfg: JobConfig, world_size: int = 1) -> None:
     task = cfg.training.early_stopping_metric.rsplit("/", 1)[0] if "/" in cfg.training.early_stopping_metric else ""
     if task and task not in cfg.features.labels:
         raise ConfigError(f"training.early_stopping_metric names task {task!r}; tasks: {cfg.features.labels}")
+    tokenized = m.name.startswith("rankmixer") or m.name == "self_attention"
+    if tokenized and m.tokenization == "groups":
+        groups = sum(any(f.group == g for f in cfg.features.sparse) for g in cfg.features.groups)
+        groups += bool(cfg.features.dense)
+        if m.num_tokens < groups:
+            raise ConfigError(
+                f"model.tokenization = 'groups' gives every feature group its own tokens: model.num_tokens "
+                f"({m.num_tokens}) must be >= the {groups} groups with features (features.groups, plus dense)"
+            )
     if cfg.features.dense and cfg.model.dense_proj_dim < 1:
         raise ConfigError("model.dense_proj_dim must be >= 1 when there are dense features")
     managed = set(emb.managed_collision)

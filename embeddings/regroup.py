@@ -28,6 +28,13 @@ def feature_order(features: FeaturesConfig) -> list[str]:
     return [f.name for g in features.groups for f in features.sparse if f.group == g]
 
 
+def sparse_group_widths(features: FeaturesConfig) -> tuple[int, ...]:
+    """Width of each semantic group within `pooled_to_model_input`'s columns, in `features.groups` order
+    (groups without features left out); the sum is `sparse_dim`."""
+    widths = (sum(f.dim for f in features.sparse if f.group == g) for g in features.groups)
+    return tuple(w for w in widths if w > 0)
+
+
 def sparse_dim(features: FeaturesConfig) -> int:
     """E: width of `pooled_to_model_input`'s output (sum of every sparse feature's dim)."""
     return sum(f.dim for f in features.sparse)

@@ -41,6 +41,7 @@ class DenseInputSpec:
 
 
 MIXINGS = ("paper", "article")
+TOKENIZATIONS = ("slices", "groups")
 """`model.mixing`."""
 ROUTERS = ("relu", "topk")
 """`moe.router`."""
@@ -63,6 +64,10 @@ class ModelConfig:
     mixing: str = "paper"
     """'paper' (parameter-free multi-head token mixing) or 'article' (linear + GELU per head, then a
     projection, as in the seed article)."""
+    tokenization: str = "slices"
+    """'slices' (the paper: the concatenated embedding vector cut into T equal slices, which may cross
+    feature-group boundaries) or 'groups' (every semantic group of `features.groups`, then the dense
+    group, gets whole tokens in proportion to its width, at least one; no token mixes two groups)."""
     shared_projection: bool = False
     """Tokenize with one shared projection instead of one per token."""
     token_pos_emb: bool = False
@@ -89,6 +94,7 @@ class ModelConfig:
         """Names known, sizes positive, D divisible by T (and by the attention heads)."""
         check_one_of(self.name, MODEL_NAMES, "model.name")
         check_one_of(self.mixing, MIXINGS, "model.mixing")
+        check_one_of(self.tokenization, TOKENIZATIONS, "model.tokenization")
         for name in ("num_tokens", "d_model", "num_layers", "ffn_mult", "dense_proj_dim"):
             check_range(getattr(self, name), f"model.{name}", min=1)
         check_range(self.cross_layers, "model.cross_layers", min=0)

@@ -72,6 +72,7 @@ class RankMixer(nn.Module):
         seed: initialisation seed.
         mixer: "tokens" (per `model.mixing`), "identity" (no-mixing ablation) or "attention".
         shared_ffn: one FFN shared by all tokens (ablation; ignored when MoE is on).
+        sparse_groups: widths of the semantic groups in the E columns (`model.tokenization = "groups"`).
 
     Example:
         >>> cfg = ModelConfig(num_tokens=4, d_model=16)
@@ -91,6 +92,7 @@ class RankMixer(nn.Module):
         seed: int = 0,
         mixer: str = "tokens",
         shared_ffn: bool = False,
+        sparse_groups: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         T, D, L, k = model.num_tokens, model.d_model, model.num_layers, model.ffn_mult
@@ -107,7 +109,7 @@ class RankMixer(nn.Module):
             raise ValueError(f"model/rankmixer.py: num_tasks (label columns) must be >= 1, got {num_tasks}")
         gen = torch.Generator().manual_seed(seed)
         self.cfg, self.moe_cfg, self.num_tasks = model, moe, num_tasks
-        self.tokenizer = Tokenizer(sparse_dim, dense, model, gen)
+        self.tokenizer = Tokenizer(sparse_dim, dense, model, gen, sparse_groups)
         blocks = []
         for layer in range(L):
             if mixer == "identity":

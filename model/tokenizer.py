@@ -5,6 +5,12 @@
     dense_BF -> DenseInput (transforms, projection, bucket embeddings) --+   -> T slices of width d
                                                                               slice t -> Proj_t -> x_t (width D)
 
+With `model.tokenization = "groups"` the slices follow the semantic groups instead: each group
+(`features.groups`, then the dense group) gets whole tokens in proportion to its width (at least one;
+the rest by largest remainder), each group is cut into equal contiguous slices, and every slice is
+zero-padded to the widest one (d = max slice width) so the same batched projection applies
+(`token_layout`).
+
 The dense features join as a final 'dense' group (`model.dense_input`: standardized values projected
 to `model.dense_proj_dim`, then the bucket embeddings of bucketized features). Projections are per
 token by default (one batched matmul over the token axis), one shared projection as an option; an
@@ -30,6 +36,45 @@ from model.dense_input import DenseInput
 from model.init import uniform_param
 
 
+def token_layout(group_widths: list[int], num_tokens: int) -> list[tuple[int, int]]:
+    """Where each token's slice lies when tokens follow semantic groups.
+
+    Args:
+        group_widths: width of each group, in input order (their sum is Z); zero-width groups are skipped.
+        num_tokens: T, at least the number of non-empty groups.
+
+    Returns:
+        T (start, width) pairs over the Z-wide input, in order: group g gets n_g >= 1 tokens
+        (n_g proportional to its width, remainders to the largest fractions, ties to the earlier group)
+        and is cut into n_g contiguous slices whose widths differ by at most 1.
+
+    Example:
+        >>> token_layout([128, 128, 96, 48, 16], 8)
+        [(0, 64), (64, 64), (128, 64), (192, 64), (256, 48), (304, 48), (352, 48), (400, 16)]
+    """
+    widths = [w for w in group_widths if w > 0]
+    if num_tokens < len(widths):
+        raise ValueError(
+            f"model/tokenizer.py: model.tokenization = 'groups' needs model.num_tokens >= the number of groups "
+            f"with features ({len(widths)}: features.groups plus the dense group), got {num_tokens}"
+        )
+    total = sum(widths)
+    extra = num_tokens - len(widths)
+    share = [w * extra / total for w in widths]
+    counts = [1 + math.floor(x) for x in share]
+    order = sorted(range(len(widths)), key=lambda g: (-(share[g] - math.floor(share[g])), g))
+    for g in order[: num_tokens - sum(counts)]:
+        counts[g] += 1
+    layout, start = [], 0
+    for w, n in zip(widths, counts):
+        base, rem = divmod(w, n)
+        for i in range(n):
+            width = base + (1 if i < rem else 0)
+            layout.append((start, width))
+            start += width
+    return layout
+
+
 class Tokenizer(nn.Module):
     """sparse_BI (B x I) + dense_BF (B x F) -> x_BTD (B x T x D).
 
@@ -38,6 +83,8 @@ class Tokenizer(nn.Module):
         dense: the dense input's shape (F features, bucketized ones, missing flags); F = 0: no dense group.
         cfg: the `model` config (num_tokens, d_model, dense_proj_dim, shared_projection, token_pos_emb).
         gen: generator for the initialisation (default: a fresh one seeded with 0).
+        sparse_groups: widths of the semantic groups within the I pooled-embedding columns, in order
+            (their sum is I); used by `model.tokenization = "groups"` (default: one group of width I).
 
     Example:
         >>> tok = Tokenizer(40, DenseInputSpec(3), ModelConfig(num_tokens=4, d_model=8, dense_proj_dim=4))
@@ -46,7 +93,12 @@ class Tokenizer(nn.Module):
     """
 
     def __init__(
-        self, sparse_dim: int, dense: DenseInputSpec, cfg: ModelConfig, gen: torch.Generator | None = None
+        self,
+        sparse_dim: int,
+        dense: DenseInputSpec,
+        cfg: ModelConfig,
+        gen: torch.Generator | None = None,
+        sparse_groups: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         num_dense = dense.num_features
@@ -63,7 +115,22 @@ class Tokenizer(nn.Module):
         self.dense_input = DenseInput(dense, cfg.dense_proj_dim, gen) if num_dense > 0 else None
         self.dense_width = self.dense_input.out_width if self.dense_input is not None else 0
         self.in_width = sparse_dim + self.dense_width  # Z
-        self.slice_width = math.ceil(self.in_width / T)  # d
+        self.by_groups = cfg.tokenization == "groups"
+        if self.by_groups:
+            groups = list(sparse_groups) or [sparse_dim]
+            if sum(groups) != sparse_dim:
+                raise ValueError(
+                    f"model/tokenizer.py: sparse_groups {list(sparse_groups)} must sum to sparse_dim ({sparse_dim})"
+                )
+            layout = token_layout([*groups, self.dense_width], T)
+            self.slice_width = max(w for _, w in layout)  # d
+            # input column of every (token, slot); Z = the zero column appended in forward (padding)
+            index = torch.full((T, self.slice_width), self.in_width, dtype=torch.int64)
+            for t, (start, width) in enumerate(layout):
+                index[t, :width] = torch.arange(start, start + width)
+            self.register_buffer("slot_index", index.view(-1), persistent=False)
+        else:
+            self.slice_width = math.ceil(self.in_width / T)  # d
         self.shared = cfg.shared_projection
         d = self.slice_width
         n_proj = 1 if self.shared else T
@@ -94,10 +161,14 @@ class Tokenizer(nn.Module):
         parts = [sparse_BI]
         if self.dense_input is not None:
             parts.append(self.dense_input(dense_BF).to(sparse_BI.dtype))
-        pad = T * d - self.in_width
-        if pad:
-            parts.append(sparse_BI.new_zeros(B, pad))
-        e_TBd = torch.cat(parts, dim=1).view(B, T, d).transpose(0, 1)
+        if self.by_groups:  # gather each token's slot columns (index Z = a zero column)
+            parts.append(sparse_BI.new_zeros(B, 1))
+            e_TBd = torch.cat(parts, dim=1).index_select(1, self.slot_index).view(B, T, d).transpose(0, 1)
+        else:
+            pad = T * d - self.in_width
+            if pad:
+                parts.append(sparse_BI.new_zeros(B, pad))
+            e_TBd = torch.cat(parts, dim=1).view(B, T, d).transpose(0, 1)
         if self.shared:
             x_TBD = torch.addmm(self.proj_b[0], e_TBd.reshape(T * B, d), self.proj_w[0]).view(T, B, -1)
         else:

@@ -25,17 +25,41 @@ from model.rankmixer import RankMixer
 
 def _rankmixer(**variant: object) -> Callable[..., nn.Module]:
     def build(
-        model: ModelConfig, moe: MoEConfig, *, sparse_dim: int, dense: DenseInputSpec, num_tasks: int, seed: int = 0
+        model: ModelConfig,
+        moe: MoEConfig,
+        *,
+        sparse_dim: int,
+        dense: DenseInputSpec,
+        num_tasks: int,
+        seed: int = 0,
+        sparse_groups: tuple[int, ...] = (),
     ) -> nn.Module:
-        return RankMixer(model, moe, sparse_dim=sparse_dim, dense=dense, num_tasks=num_tasks, seed=seed, **variant)
+        return RankMixer(
+            model,
+            moe,
+            sparse_dim=sparse_dim,
+            dense=dense,
+            num_tasks=num_tasks,
+            seed=seed,
+            sparse_groups=sparse_groups,
+            **variant,  # type: ignore[arg-type]
+        )
 
     return build
 
 
 def _baseline(cls: type[nn.Module]) -> Callable[..., nn.Module]:
     def build(
-        model: ModelConfig, moe: MoEConfig, *, sparse_dim: int, dense: DenseInputSpec, num_tasks: int, seed: int = 0
+        model: ModelConfig,
+        moe: MoEConfig,
+        *,
+        sparse_dim: int,
+        dense: DenseInputSpec,
+        num_tasks: int,
+        seed: int = 0,
+        sparse_groups: tuple[int, ...] = (),
     ) -> nn.Module:
+        del sparse_groups  # the baselines read the concatenated vector whole
         if moe.enabled:
             raise ValueError(f"model/zoo.py: moe.enabled needs a RankMixer model, not model.name = {model.name!r}")
         return cls(model, sparse_dim=sparse_dim, dense=dense, num_tasks=num_tasks, seed=seed)
@@ -55,7 +79,14 @@ assert tuple(MODELS) == MODEL_NAMES, "model/zoo.py: MODELS must list exactly mod
 
 
 def build_model(
-    model: ModelConfig, moe: MoEConfig, *, sparse_dim: int, dense: DenseInputSpec, num_tasks: int, seed: int = 0
+    model: ModelConfig,
+    moe: MoEConfig,
+    *,
+    sparse_dim: int,
+    dense: DenseInputSpec,
+    num_tasks: int,
+    seed: int = 0,
+    sparse_groups: tuple[int, ...] = (),
 ) -> nn.Module:
     """Build the zoo model `model.name`.
 
@@ -66,10 +97,14 @@ def build_model(
         dense: the dense input's shape (F features, bucketized ones, missing flags).
         num_tasks: K, label columns (one tower each).
         seed: initialisation seed (same weights for the same seed, on every rank).
+        sparse_groups: widths of the semantic groups within the E columns, in order (RankMixer's
+            `model.tokenization = "groups"`; `embeddings.regroup.sparse_group_widths`).
 
     Returns:
         An nn.Module: forward(sparse_BI, dense_BF) -> ModelOutput, flops_per_sample(training), num_params().
     """
     if model.name not in MODELS:
         raise ValueError(f"model/zoo.py: config key model.name = {model.name!r}; expected one of: {', '.join(MODELS)}")
-    return MODELS[model.name](model, moe, sparse_dim=sparse_dim, dense=dense, num_tasks=num_tasks, seed=seed)
+    return MODELS[model.name](
+        model, moe, sparse_dim=sparse_dim, dense=dense, num_tasks=num_tasks, seed=seed, sparse_groups=sparse_groups
+    )

@@ -35,7 +35,7 @@ from checkpoint.format import CheckpointError, read_expert_shards
 from checkpoint.safe_dcp import SafeFileSystemReader, dcp_error
 from config import ConfigError, JobConfig, load_config
 from config.job import dense_input_spec
-from embeddings.regroup import pooled_to_model_input, sparse_dim
+from embeddings.regroup import pooled_to_model_input, sparse_dim, sparse_group_widths
 from embeddings.tables import SparseArch, TableSpec, build_sparse_arch, table_specs
 from model.moe import moe_layers
 from model.zoo import build_model
@@ -143,7 +143,13 @@ def build_dense(cfg: JobConfig) -> nn.Module:
     """The zoo model of `cfg` with full (unsharded) experts, in eval mode, sparse-inference router on."""
     f = cfg.features
     model = build_model(
-        cfg.model, cfg.moe, sparse_dim=sparse_dim(f), dense=dense_input_spec(f), num_tasks=len(f.labels), seed=0
+        cfg.model,
+        cfg.moe,
+        sparse_dim=sparse_dim(f),
+        dense=dense_input_spec(f),
+        num_tasks=len(f.labels),
+        seed=0,
+        sparse_groups=sparse_group_widths(f),
     )
     set_sparse_inference(model, True)
     return model.eval().requires_grad_(False)

@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
 
 from config.job import dense_input_spec
-from embeddings.regroup import sparse_dim
+from embeddings.regroup import sparse_dim, sparse_group_widths
 from model.zoo import build_model
 from pipeline.plan import resolve_files
 from pipeline.tools.synth import auc, generate
@@ -84,7 +84,12 @@ def train_flops_per_sample(cfg: Any) -> float:
 
     f = cfg.features
     model = build_model(
-        cfg.model, cfg.moe, sparse_dim=sparse_dim(f), dense=dense_input_spec(f), num_tasks=len(f.labels)
+        cfg.model,
+        cfg.moe,
+        sparse_dim=sparse_dim(f),
+        dense=dense_input_spec(f),
+        num_tasks=len(f.labels),
+        sparse_groups=sparse_group_widths(f),
     )
     return float(model.flops_per_sample(training=True))
 

@@ -25,7 +25,7 @@ import torch
 from checkpoint.format import BEST_DIR
 from config import JobConfig
 from config.job import dense_input_spec
-from embeddings.regroup import sparse_dim
+from embeddings.regroup import sparse_dim, sparse_group_widths
 from embeddings.tables import build_sparse_arch
 from metrics.auc import WindowedAUC, eval_metrics_flat
 from metrics.mfu import mfu, peak_flops, rss_mb
@@ -99,6 +99,7 @@ class Trainer:
             cfg.model,
             cfg.moe,
             sparse_dim=sparse_dim(f),
+            sparse_groups=sparse_group_widths(f),
             dense=dense_input_spec(f),
             num_tasks=len(f.labels),
             seed=t.seed,

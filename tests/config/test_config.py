@@ -88,11 +88,20 @@ def test_wrong_types_name_the_key(tmp_path: Path) -> None:
         (["--model.attn_heads", "3"], 1, "divisible by model.attn_heads"),
         (["--model.tower_hidden", "[0]"], 1, "model.tower_hidden widths"),
         (["--embeddings.sharding", "data_parallel"], 1, "embeddings.sharding"),
+        (["--model.tokenization", "words"], 1, "model.tokenization"),
+        (["--model.tokenization", "groups"], 1, r"model.num_tokens \(4\) must be >= the 5 groups"),
     ],
 )
 def test_invalid_combinations_rejected(overrides: list[str], world: int, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         load_config(["--config", str(CONFIGS / "tiny.toml"), *overrides], world_size=world)
+
+
+def test_group_tokens_valid_with_enough_tokens() -> None:
+    cfg = load_config(
+        ["--config", str(CONFIGS / "tiny.toml"), "--model.tokenization", "groups", "--model.num_tokens", "8"]
+    )
+    assert cfg.model.tokenization == "groups"
 
 
 def test_ep_size_two_valid_on_two_ranks() -> None:

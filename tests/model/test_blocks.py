@@ -13,7 +13,7 @@ from torch import nn
 from model.config import DenseInputSpec, ModelConfig
 from model.ffn import PerTokenFFN, SharedFFN
 from model.mixing import ArticleMixing, SelfAttention, TokenMixing, token_mixing_TBD
-from model.tokenizer import Tokenizer
+from model.tokenizer import Tokenizer, token_layout
 
 T, B, D = 4, 3, 8
 
@@ -135,6 +135,39 @@ def test_tokenizer_slices_and_projects(shared: bool) -> None:
     torch.testing.assert_close(tok(sparse, dense), ref)
     with pytest.raises(ValueError, match="sparse_BI"):
         tok(torch.randn(B, E + 1), dense)
+
+
+def test_token_layout_follows_groups() -> None:
+    assert token_layout([128, 128, 96, 48, 16], 8) == [
+        (0, 64), (64, 64), (128, 64), (192, 64), (256, 48), (304, 48), (352, 48), (400, 16)
+    ]  # fmt: skip
+    assert token_layout([10, 0, 5], 2) == [(0, 10), (10, 5)]  # an empty group takes no token
+    assert token_layout([7], 3) == [(0, 3), (3, 2), (5, 2)]  # widths differ by at most 1
+    with pytest.raises(ValueError, match="model.num_tokens >= the number of groups"):
+        token_layout([4, 4, 4], 2)
+
+
+def test_tokenizer_groups_never_mixes_two_groups() -> None:
+    """Group tokens: token t reads only its own group's columns (zero-padded to the widest slice); a change
+    in one group moves only that group's tokens. Same projection as the slices mode otherwise."""
+    groups, N = (9, 6), 3  # E = 15; dense projected to 4: widths 9, 6, 4 over T = 4 tokens
+    E = sum(groups)
+    cfg = ModelConfig(num_tokens=T, d_model=D, dense_proj_dim=4, tokenization="groups")
+    tok = Tokenizer(E, DenseInputSpec(N), cfg, _gen(), sparse_groups=groups)
+    layout = token_layout([*groups, 4], T)
+    assert layout == [(0, 5), (5, 4), (9, 6), (15, 4)] and tok.slice_width == 6
+    sparse, dense = torch.randn(B, E, generator=_gen(1)), torch.randn(B, N, generator=_gen(2))
+    e = torch.cat([sparse, dense @ tok.dense_input.proj_w + tok.dense_input.proj_b], 1)
+    ref = torch.stack(
+        [F.pad(e[:, a : a + w], (0, 6 - w)) @ tok.proj_w[t] + tok.proj_b[t, 0] for t, (a, w) in enumerate(layout)], 1
+    )
+    torch.testing.assert_close(tok(sparse, dense), ref)
+    moved = sparse.clone()
+    moved[:, 9:] += 1.0  # the second group only
+    changed = (tok(moved, dense) - tok(sparse, dense)).abs().amax(dim=(0, 2)) > 0
+    assert changed.tolist() == [False, False, True, False]
+    with pytest.raises(ValueError, match="must sum to sparse_dim"):
+        Tokenizer(E, DenseInputSpec(N), cfg, _gen(), sparse_groups=(9, 5))
 
 
 def test_tokenizer_position_embedding_and_no_dense() -> None:
