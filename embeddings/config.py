@@ -44,6 +44,10 @@ class EmbeddingsConfig:
     to the loss (FuxiCTR's embedding_regularizer, counted per occurrence in the batch). It is a loss term,
     not the fused optimizer's weight_decay: FBGEMM's CPU kernels ignore weight_decay (checked: the same
     updates with and without it)."""
+    hbm_cap_gb: float = 0.0
+    """GPU memory per device the sharding planner may fill, in GiB; 0 = the device's total memory
+    (`torch.cuda.mem_get_info`), not TorchRec's fixed 32 GiB default. Tables that do not fit are placed
+    with FBGEMM's UVM-caching kernel (rows in host memory, a cache in HBM). Ignored on CPU."""
     managed_collision: list[str] = field(default_factory=list)
     """Tables whose ids go through TorchRec's managed-collision module (zero-collision hashing with
     eviction); their features should use `id_mapping = "raw"`."""
@@ -59,4 +63,5 @@ class EmbeddingsConfig:
         check_range(self.lr, "embeddings.lr", min=0.0, min_open=True)
         check_range(self.eps, "embeddings.eps", min=0.0, min_open=True)
         check_range(self.l2, "embeddings.l2", min=0.0)
+        check_range(self.hbm_cap_gb, "embeddings.hbm_cap_gb", min=0.0)
         check_range(self.mc_eviction_interval, "embeddings.mc_eviction_interval", min=1)

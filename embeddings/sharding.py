@@ -13,6 +13,9 @@ table_wise, column_wise, table_column_wise, row_wise and table_row_wise. Not usa
 TorchRec's EmbeddingBagCollectionSharder only offers row_wise/table_row_wise on CUDA; on CPU this
 module's sharder offers them too, because they work on gloo (its reduce-scatter is available here).
 Managed-collision tables are row-wise only (TorchRec's ManagedCollisionCollectionSharder).
+'auto' plans among the verified types only, on every device (`auto_sharding_types`); on CUDA the
+planner's HBM per device comes from the device or `embeddings.hbm_cap_gb` (`hbm_cap_bytes`), and tables
+that do not fit may use the UVM-caching kernel (`compute_kernels`).
 """
 
 from __future__ import annotations
@@ -39,7 +42,15 @@ from pipeline.config import FeaturesConfig
 CPU_SHARDING_TYPES = ["table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise"]
 """Sharding types verified on CPU + gloo (see the module docstring); 'auto' plans among these on CPU."""
 CUDA_SHARDING_TYPES = CPU_SHARDING_TYPES + ["grid_shard"]
-"""On CUDA 'auto' allows every type TorchRec's sharder offers except data_parallel."""
+"""Types a user may name on CUDA: every type TorchRec's sharder offers except data_parallel."""
+VERIFIED_SHARDING_TYPES = {"cpu": CPU_SHARDING_TYPES, "cuda": CPU_SHARDING_TYPES}
+"""What 'auto' may pick on each device: only types whose outputs this project checked against the
+unsharded reference (tests/embeddings/test_sharded.py, on CPU + gloo; the same TorchRec sharding code runs
+on CUDA with FBGEMM's CUDA kernels). grid_shard gave wrong outputs on CPU and was never checked on a GPU,
+so on CUDA it runs only when named explicitly."""
+CUDA_KERNELS = ["fused", "fused_uvm_caching"]
+"""Compute kernels the planner may use on CUDA: tables in HBM, or rows in host memory with an HBM cache
+when they do not fit `embeddings.hbm_cap_gb`. CPU has one kernel, 'fused'."""
 assert set(CUDA_SHARDING_TYPES) | {"auto"} == set(SHARDING_TYPES), "sharding types out of step with the config"
 REJECTED = {
     "data_parallel": "TorchRec's data-parallel tables use the dense kernel, which the fused sparse optimizer "
@@ -64,10 +75,31 @@ whatever process group DMP was given: they are only offered when sharding over t
 
 
 def allowed_sharding_types(device_type: str, whole_world: bool = True) -> list[str]:
-    """Sharding types this module lets the planner choose on `device_type` ('cpu' or 'cuda'), over the
-    whole world or (`whole_world=False`) a subgroup."""
+    """Sharding types a user may name on `device_type` ('cpu' or 'cuda'), over the whole world or
+    (`whole_world=False`) a subgroup."""
     types = CUDA_SHARDING_TYPES if device_type == "cuda" else CPU_SHARDING_TYPES
     return [t for t in types if whole_world or t not in WORLD_ONLY]
+
+
+def auto_sharding_types(device_type: str, whole_world: bool = True) -> list[str]:
+    """The types 'auto' plans among: the allowed ones this project verified (`VERIFIED_SHARDING_TYPES`)."""
+    verified = VERIFIED_SHARDING_TYPES["cuda" if device_type == "cuda" else "cpu"]
+    return [t for t in allowed_sharding_types(device_type, whole_world) if t in verified]
+
+
+def compute_kernels(device_type: str) -> list[str]:
+    """FBGEMM kernels the planner may choose on `device_type`."""
+    return list(CUDA_KERNELS) if device_type == "cuda" else ["fused"]
+
+
+def hbm_cap_bytes(emb: EmbeddingsConfig, device: torch.device) -> int | None:
+    """HBM per device the planner may fill: `embeddings.hbm_cap_gb`, else the device's total memory; None on
+    CPU (the planner's DDR default applies)."""
+    if device.type != "cuda":
+        return None
+    if emb.hbm_cap_gb > 0:
+        return int(emb.hbm_cap_gb * 2**30)
+    return int(torch.cuda.mem_get_info(device)[1])
 
 
 class _EmbeddingBagSharder(EmbeddingBagCollectionSharder):
@@ -155,7 +187,7 @@ def make_constraints(
         key = f"embeddings.table_sharding.{s.name}" if s.name in emb.table_sharding else "embeddings.sharding"
         value = emb.table_sharding.get(s.name, emb.sharding)
         if value == "auto":
-            types = allowed_sharding_types(device_type, whole_world)
+            types = auto_sharding_types(device_type, whole_world)
         else:
             types = [_check_type(value, key, device_type, whole_world)]
         if s.managed_collision:
@@ -167,7 +199,7 @@ def make_constraints(
         )
         out[s.name] = ParameterConstraints(
             sharding_types=types,
-            compute_kernels=["fused"],
+            compute_kernels=compute_kernels(device_type),
             min_partition=min_partition,
             pooling_factors=[float(max_len[n]) for n in s.feature_names],
         )
@@ -310,7 +342,12 @@ def shard_sparse_arch(
     whole_world = world_size == dist.get_world_size()
     sharders = make_sharders(emb, device.type, whole_world)
     constraints = make_constraints(specs, features, emb, device.type, world_size, whole_world)
-    topology = Topology(world_size=world_size, compute_device=device.type, local_world_size=get_local_size(world_size))
+    topology = Topology(
+        world_size=world_size,
+        compute_device=device.type,
+        local_world_size=get_local_size(world_size),
+        hbm_cap=hbm_cap_bytes(emb, device),
+    )
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     plan = planner.collective_plan(module, sharders, pg)
     dmp = DistributedModelParallel(

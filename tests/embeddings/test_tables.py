@@ -10,7 +10,14 @@ from torchrec.sparse.jagged_tensor import KeyedTensor
 from config import load_config
 from embeddings.config import EmbeddingsConfig
 from embeddings.regroup import feature_order, group_dims, pooled_to_model_input, sparse_dim
-from embeddings.sharding import allowed_sharding_types, fused_params, make_constraints
+from embeddings.sharding import (
+    VERIFIED_SHARDING_TYPES,
+    allowed_sharding_types,
+    auto_sharding_types,
+    fused_params,
+    hbm_cap_bytes,
+    make_constraints,
+)
 from embeddings.tables import build_sparse_arch, init_rows_, table_specs
 from tests.embeddings.common import make_kjt, small_features, unsharded_tables
 
@@ -114,6 +121,29 @@ def test_constraints_restrict_auto_and_honour_overrides():
     f.sparse[1].id_mapping = "raw"
     with pytest.raises(ValueError, match="managed-collision.*row_wise"):
         make_constraints(table_specs(f, mc), f, mc, "cpu", 2)
+
+
+def test_cuda_plans_verified_types_and_both_kernels():
+    """On CUDA 'auto' picks only the types verified against the unsharded reference (never grid_shard,
+    which a user may still name), and the planner may put tables that do not fit HBM in UVM caching."""
+    f = small_features()
+    emb = EmbeddingsConfig(table_sharding={"item": "grid_shard"})
+    cons = make_constraints(table_specs(f, emb), f, emb, "cuda", 2)
+    assert cons["ta"].sharding_types == auto_sharding_types("cuda") == VERIFIED_SHARDING_TYPES["cuda"]
+    assert "grid_shard" not in cons["ta"].sharding_types and cons["item"].sharding_types == ["grid_shard"]
+    assert cons["ta"].compute_kernels == ["fused", "fused_uvm_caching"]
+    assert make_constraints(table_specs(f, emb := EmbeddingsConfig()), f, emb, "cpu", 2)["ta"].compute_kernels == [
+        "fused"
+    ]
+
+
+def test_hbm_cap_from_config_or_device():
+    cpu = torch.device("cpu")
+    assert hbm_cap_bytes(EmbeddingsConfig(hbm_cap_gb=80), cpu) is None  # CPU: the planner's DDR default
+    cuda = torch.device("cuda", 0)
+    assert hbm_cap_bytes(EmbeddingsConfig(hbm_cap_gb=1.5), cuda) == 3 * 2**29
+    with pytest.raises(Exception, match="embeddings.hbm_cap_gb"):
+        EmbeddingsConfig(hbm_cap_gb=-1).validate()
 
 
 def test_optimizer_config_errors():
