@@ -1,7 +1,12 @@
-"""`python -m launch.doctor`: versions, whether fbgemm ops load, DeepSpeed's accelerator, the backend."""
+"""`python -m launch.doctor`: versions, whether fbgemm ops load, DeepSpeed's accelerator, the backend.
+
+python -m launch.doctor                          # the report (exit 1 when something is wrong)
+python -m launch.doctor --verify-install cuda    # what launch/install.sh runs after installing a variant
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
@@ -9,8 +14,63 @@ import sys
 from parallel.env import TORCH_EXTENSIONS_DIR, detect_runtime, gpu_name, setup_env
 from pipeline import native
 
+TORCH_CUDA_FIX = (
+    "reinstall torch's CUDA build: .venv/bin/python -m pip install --force-reinstall --no-deps --isolated "
+    "--index-url https://download.pytorch.org/whl/cu128 torch==2.13.0 (a local wheel cache's CPU build "
+    "also satisfies torch==2.13.0)"
+)
+
+
+def install_problems(variant: str) -> list[str]:
+    """What is wrong with the installed stack for `variant` ('cpu' or 'cuda'), one line each with the fix:
+    torch sees CUDA iff the variant is cuda (and is a CUDA build), and fbgemm's ops load and run on the
+    variant's device."""
+    import torch
+
+    problems = []
+    cuda_build = torch.version.cuda is not None
+    if variant == "cuda" and not cuda_build:
+        problems.append(f"torch {torch.__version__} is a CPU build on a GPU host: {TORCH_CUDA_FIX}")
+    elif variant == "cuda" and not torch.cuda.is_available():
+        problems.append(
+            f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU although nvidia-smi does: check "
+            "the driver (nvidia-smi's CUDA version must be >= torch's) and CUDA_VISIBLE_DEVICES"
+        )
+    elif variant == "cpu" and torch.cuda.is_available():
+        problems.append(
+            "torch sees a GPU but the CPU variant was installed: rerun make install (it detects the GPU with "
+            "nvidia-smi) or RANKMIXER_VARIANT=cuda make install"
+        )
+    try:
+        import fbgemm_gpu  # noqa: F401
+
+        device = "cuda" if variant == "cuda" and torch.cuda.is_available() else "cpu"
+        x = torch.tensor([1, 2, 3], dtype=torch.int64, device=device)
+        torch.ops.fbgemm.asynchronous_complete_cumsum(x)
+    except Exception as e:  # noqa: BLE001 - reported with the fix
+        want = "fbgemm-gpu==1.8.0" if variant == "cuda" else "fbgemm-gpu-cpu==1.8.0"
+        problems.append(
+            f"fbgemm ops do not run on {variant}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+            f"install {want} for torch 2.13.0 (rm .venv/.installed && make install)"
+        )
+    return problems
+
 
 def main(argv: list[str] | None = None) -> int:
+    """Print the report (or, with --verify-install, only the problems); exit 1 when something is wrong."""
+    parser = argparse.ArgumentParser(prog="python -m launch.doctor", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--verify-install",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="check the installed stack against this variant (one line per problem, with the fix)",
+    )
+    args = parser.parse_args(argv)
+    if args.verify_install:
+        problems = install_problems(args.verify_install)
+        for line in problems:
+            print(f"install: {line}", file=sys.stderr)
+        return 1 if problems else 0
     setup_env()
     ok = True
     print(f"python        {sys.version.split()[0]}")
@@ -23,24 +83,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:13s} FAILED: {type(e).__name__}: {e}")
     import torch
 
-    try:
-        import fbgemm_gpu  # noqa: F401
-
-        x = torch.tensor([1, 2, 3], dtype=torch.int64)
-        torch.ops.fbgemm.asynchronous_complete_cumsum(x)
-        print("fbgemm ops    load and run")
-    except Exception as e:  # noqa: BLE001
-        ok = False
-        print(f"fbgemm ops    FAILED: {e}")
     rt = detect_runtime()
+    problems = install_problems(rt.device_type)  # fbgemm on the device training will use
+    fbgemm = [p for p in problems if p.startswith("fbgemm")]
+    print(f"fbgemm ops    {'FAILED: ' + fbgemm[0] if fbgemm else 'load and run on ' + rt.device_type}")
+    for p in problems:
+        if not p.startswith("fbgemm"):
+            print(f"torch         {p}")
+    ok = ok and not problems
     from deepspeed.accelerator import get_accelerator
 
     print(f"DS accel      {get_accelerator()._name} (DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR')})")
     print(f"device        {rt.device_type}{' (' + gpu_name() + ')' if rt.device_type == 'cuda' else ''}")
     print(f"backend       {rt.backend}")
-    built = (TORCH_EXTENSIONS_DIR / "deepspeed_shm_comm").is_dir()
-    where = f"pre-built in {TORCH_EXTENSIONS_DIR}" if built else "not built (make install builds it)"
-    print(f"shm comm op   {where}")
+    if rt.device_type == "cuda":
+        print("shm comm op   not needed (CUDA collectives go through NCCL)")
+    else:
+        built = (TORCH_EXTENSIONS_DIR / "deepspeed_shm_comm").is_dir()
+        where = f"pre-built in {TORCH_EXTENSIONS_DIR}" if built else "not built (make install builds it)"
+        print(f"shm comm op   {where}")
 
     try:
         print(f"pipeline op   {native.build()}")

@@ -3,7 +3,8 @@
 # pre-builds DeepSpeed's CPU shared-memory comm op into .build/torch_extensions so that no training
 # run or test pays its ~1 minute JIT build, and builds the input pipeline's compiled pass
 # (pipeline/native.c, < 1 s; rebuilt whenever its source changes). Otherwise a no-op when the stamp
-# matches the lock file.
+# matches the lock file and the variant (cpu, or cuda where nvidia-smi lists a GPU), then verifies the
+# install (python -m launch.doctor --verify-install).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Needs: Python >= 3.11 (PYTHON=... picks the interpreter, default python3) and a C compiler (cc / gcc:
@@ -20,7 +21,15 @@ fi
 VENV=.venv
 LOCK=requirements.lock
 STAMP=$VENV/.installed
-want=$(sha256sum "$LOCK" pyproject.toml | sha256sum | cut -c1-16)
+# The variant follows the host: cuda where nvidia-smi lists a GPU, else cpu; RANKMIXER_VARIANT=cpu|cuda
+# overrides. The stamp records it, so moving a checkout to a GPU host reinstalls.
+variant=${RANKMIXER_VARIANT:-}
+if [ -z "$variant" ]; then
+  variant=cpu
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then variant=cuda; fi
+fi
+case $variant in cpu|cuda) ;; *) echo "install: RANKMIXER_VARIANT=$variant; expected cpu or cuda" >&2; exit 2;; esac
+want="$(sha256sum "$LOCK" pyproject.toml | sha256sum | cut -c1-16) variant=$variant"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   $VENV/bin/python -m pipeline.native >/dev/null
   exit 0
@@ -29,12 +38,14 @@ echo "[install] creating $VENV with $($PY --version)"
 [ -x $VENV/bin/python ] || $PY -m venv $VENV
 PIP="$VENV/bin/python -m pip install -q --disable-pip-version-check"
 stage() { awk -v s="$1" '/^# stage:/{on=($3==s); next} on && NF && !/^#/' "$LOCK"; }
-gpu=0
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu=1; fi
-$PIP $(stage torch)
-if [ $gpu = 1 ]; then
+echo "[install] variant: $variant"
+if [ $variant = cuda ]; then
+  # --isolated: no local wheel cache (find-links), whose CPU build 2.13.0+cpu also satisfies torch==2.13.0;
+  # the CUDA build comes from PyTorch's index (TORCH_INDEX_URL to use a mirror or another CUDA version)
+  $PIP --isolated --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cu128}" $(stage torch)
   $PIP fbgemm-gpu==$(stage fbgemm | sed 's/.*==//')
 else
+  $PIP $(stage torch)
   $PIP $(stage fbgemm)
 fi
 $PIP --no-deps $(stage nodeps)
@@ -42,16 +53,19 @@ $PIP $(stage deps)
 $PIP --no-build-isolation $(stage nobuildiso)
 $PIP $(stage rest)
 $PIP --no-deps --no-build-isolation -e .
-if [ $gpu = 0 ]; then
+if [ $variant = cpu ]; then
   echo "[install] pre-building DeepSpeed's CPU comm op into .build/torch_extensions"
   mkdir -p .build/torch_extensions
-  # the venv's pinned ninja first on PATH, as parallel.env.setup_env does for every run: another ninja
+  # the venv's pinned ninja first on PATH (absolute: torch runs ninja in the build folder), as
+  # parallel.env.setup_env does for every run: another ninja
   # version would read this build's log as stale and rebuild the op at the first training run
-  PATH="$VENV/bin:$PATH" DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=$PWD/.build/torch_extensions $VENV/bin/python -c \
+  PATH="$PWD/$VENV/bin:$PATH" DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=$PWD/.build/torch_extensions $VENV/bin/python -c \
     "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()" \
     >/dev/null
 fi
 echo "[install] building the input pipeline's compiled pass (pipeline/native.c)"
 $VENV/bin/python -m pipeline.native >/dev/null
+# torch sees CUDA iff this is the cuda variant, and fbgemm's ops run on that device; else one line + the fix
+$VENV/bin/python -m launch.doctor --verify-install $variant
 echo "$want" > "$STAMP"
 echo "[install] done"
