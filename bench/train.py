@@ -13,6 +13,11 @@ a training step with wall clocks between synchronisation points:
                fused sparse optimizer + DeepSpeed's gradient all-reduce
     optimizer  global-norm clip + engine.step + L1 controller
 
+The breakdown runs the plain loop (`training.pipeline = false`: phases are timed one after the other).
+Then the trainer's own step loop on 2 processes, pipelined (batch i+1 copied and its embedding input
+all-to-all started during step i, `train/pipeline.py`) against plain, alternated run by run: samples/s
+of each and whether their losses are identical step by step.
+
 Also times the JIT build of DeepSpeed's CPU comm op into an empty extensions folder (what a run
 would pay without `make install`'s pre-build). Figures of one run, side by side.
 """
@@ -27,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 PHASES = ("data", "sparse", "dense_fwd", "backward", "optimizer")
@@ -61,8 +67,15 @@ def worker(args: argparse.Namespace) -> None:
         "--training.output_dir", args.out, "--metrics.wandb", "false", "--training.resume", "never",
         *args.overrides,
     ]  # fmt: skip
+    if not args.loop:
+        overrides += ["--training.pipeline", "false"]  # phases one after the other
     cfg = load_config(overrides, world_size=info.world_size)
     tr = Trainer(cfg, info)
+    if args.loop:
+        _time_loop(tr, args, info)
+        if info.owns_group:
+            destroy()
+        return
     times = dict.fromkeys(PHASES, 0.0)
     a2a_measured = 0.0
     it = iter(tr.loader)
@@ -110,13 +123,40 @@ def worker(args: argparse.Namespace) -> None:
         destroy()
 
 
-def run(world: int, data: str, steps: int, warmup: int, overrides: list[str]) -> dict:
+def _time_loop(tr: Any, args: argparse.Namespace, info: Any) -> None:
+    """The trainer's step loop as `Trainer._train` runs it (lookup handed over, next batch started after
+    the embedding), `steps` timed after `warmup`; writes samples/s and every step's loss."""
+    import torch
+
+    from parallel.distributed import all_reduce_sum
+
+    losses, t0 = [], 0.0
+    total = args.warmup + args.steps
+    for i, batch in enumerate(tr.loader):
+        if i == args.warmup:
+            t0 = time.perf_counter()
+        ahead = tr.loader.prefetch_next if i + 1 < total else None
+        row, _ = tr.step_fn(batch, i, lookup=tr.loader.take_lookup(), after_embed=ahead)
+        losses.append(row["loss"])
+        if i + 1 == total:
+            break
+    if tr.device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = all_reduce_sum([time.perf_counter() - t0], tr.device)[0] / info.world_size
+    if info.is_main:
+        samples = args.steps * tr.cfg.data.batch_size * info.world_size
+        Path(args.result).write_text(
+            json.dumps({"step_s": dt / args.steps, "samples_per_s": samples / dt, "losses": losses})
+        )
+
+
+def run(world: int, data: str, steps: int, warmup: int, overrides: list[str], loop: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // world)), "PYTHONPATH": str(REPO)}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
         cmd += ["-m", "bench.train", "--worker", "--data", data, "--out", f"{tmp}/run", "--result", str(result)]
-        cmd += ["--steps", str(steps), "--warmup", str(warmup), "--", *overrides]
+        cmd += ["--steps", str(steps), "--warmup", str(warmup), *(["--loop"] if loop else []), "--", *overrides]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"bench.train worker (world {world}) failed:\n{proc.stderr[-3000:]}")
@@ -143,7 +183,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=30, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-jit", action="store_true", help="skip timing the DeepSpeed op JIT build")
+    p.add_argument("--rounds", type=int, default=2, help="pipelined / plain loop runs, alternated")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--loop", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data", default="", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
     p.add_argument("--result", default="", help=argparse.SUPPRESS)
@@ -163,6 +205,19 @@ def main(argv: list[str] | None = None) -> dict:
             ("moe_ep2_2proc", 2, ["--moe.enabled", "true", "--parallelism.ep_size", "2"]),
         ):
             results[name] = run(world, tmp, args.steps, args.warmup, [*args.overrides, *extra])
+        loops: dict[str, list[dict]] = {"pipelined": [], "plain": []}
+        for _ in range(args.rounds):  # alternated: both sides see the same machine load
+            for name, flag in (("pipelined", "true"), ("plain", "false")):
+                over = [*args.overrides, "--training.pipeline", flag]
+                loops[name].append(run(2, tmp, args.steps, args.warmup, over, loop=True))
+    best = {k: max(v, key=lambda r: r["samples_per_s"]) for k, v in loops.items()}
+    results["loop_2proc"] = {
+        "pipelined_samples_per_s": best["pipelined"]["samples_per_s"],
+        "plain_samples_per_s": best["plain"]["samples_per_s"],
+        "pipelined_vs_plain": best["pipelined"]["samples_per_s"] / best["plain"]["samples_per_s"],
+        "losses_identical": all(r["losses"] == loops["plain"][0]["losses"] for v in loops.values() for r in v),
+        "rounds": args.rounds,
+    }
     if not args.no_jit:
         results["deepspeed_op_jit_build_s"] = jit_build_seconds()
     results["scaling_2proc_vs_1proc"] = (
@@ -174,6 +229,12 @@ def main(argv: list[str] | None = None) -> dict:
         cells = " ".join(f"{1000 * r['breakdown_s'][k]:10.1f}" for k in PHASES)
         a2a = 1000 * r["expert_a2a_fwd_s"]
         print(f"{name:16s} {r['samples_per_s']:10.0f} {1000 * r['step_s']:8.1f} {cells}  {a2a:9.1f}")
+    lp = results["loop_2proc"]
+    print(
+        f"trainer loop, 2 processes, best of {lp['rounds']}: pipelined {lp['pipelined_samples_per_s']:.0f} vs plain "
+        f"{lp['plain_samples_per_s']:.0f} samples/s (x{lp['pipelined_vs_plain']:.2f}); "
+        f"losses identical: {lp['losses_identical']}"
+    )
     if "deepspeed_op_jit_build_s" in results:
         print(
             f"DeepSpeed CPU comm op JIT build: {results['deepspeed_op_jit_build_s']:.1f} s (paid once by make install)"

@@ -63,6 +63,10 @@ class TrainingConfig:
     """Complete checkpoints kept; older ones are pruned."""
     resume: str = "auto"
     """'auto' (latest complete checkpoint in the run directory, if any), 'never', or a checkpoint path."""
+    pipeline: bool = True
+    """Overlap input with compute: batch i+1 is copied to the device (a side stream on CUDA) and its
+    embedding input all-to-all started while step i computes (`train/pipeline.py`; the same losses as
+    the plain loop). Off: one batch at a time."""
     deterministic: bool = True
     """Deterministic algorithms (bit-exact resume on CPU)."""
     dtype: str = "fp32"

@@ -249,10 +249,10 @@ class SparseArch(nn.Module):
             outs.append(self.mc_ebc(parts[1])[0])  # type: ignore[arg-type]
         if len(outs) == 1 and not self.mean_features:
             return outs[0]
-        return _merge_and_mean(outs, kjt, self.mean_features)
+        return merge_and_mean(outs, kjt, self.mean_features)
 
 
-def _merge_and_mean(outs: list[KeyedTensor], kjt: KeyedJaggedTensor, mean_features: list[str]) -> KeyedTensor:
+def merge_and_mean(outs: list[KeyedTensor], kjt: KeyedJaggedTensor, mean_features: list[str]) -> KeyedTensor:
     """One KeyedTensor from several, with `mean_features` divided by their per-sample lengths."""
     keys: list[str] = []
     tensors: list[torch.Tensor] = []

@@ -15,12 +15,14 @@ Legend: B batch per rank, I pooled-embedding width, F dense features, K tasks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from config import JobConfig
+from embeddings.pipelining import StartedLookup, finish_lookup
 from embeddings.regroup import pooled_to_model_input
 from embeddings.sharding import set_sparse_lr
 from model.moe import steer_l1, train_activation
@@ -46,9 +48,10 @@ class TrainStep:
         self.tasks = list(cfg.features.labels)
         self.has_moe = bool(train_activation(par.model))
 
-    def embed(self, batch: Batch) -> Tensor:
-        """sparse_BI: the batch's pooled embeddings (sharded lookup + input all-to-all), regrouped by name."""
-        kt = self.par.dmp(batch.sparse)
+    def embed(self, batch: Batch, lookup: StartedLookup | None = None) -> Tensor:
+        """sparse_BI: the batch's pooled embeddings (sharded lookup + input all-to-all), regrouped by name;
+        with `lookup` (its input dist started ahead by `train.pipeline`), only the rest of it."""
+        kt = finish_lookup(self.par.dmp, lookup) if lookup is not None else self.par.dmp(batch.sparse)
         if hasattr(kt, "wait"):
             kt = kt.wait()
         return pooled_to_model_input(kt, self.cfg.features)
@@ -94,13 +97,29 @@ class TrainStep:
             steer_l1(par.model, [a / world for a in active])
         return grad_norm
 
-    def __call__(self, batch: Batch, step: int) -> tuple[dict[str, Any], ModelOutput]:
-        """Train on `batch` as optimizer step `step` (0-based); returns (metrics of this rank, model output)."""
+    def __call__(
+        self,
+        batch: Batch,
+        step: int,
+        lookup: StartedLookup | None = None,
+        after_embed: Callable[[], None] | None = None,
+    ) -> tuple[dict[str, Any], ModelOutput]:
+        """Train on `batch` as optimizer step `step` (0-based); returns (metrics of this rank, model output).
+
+        Args:
+            batch: the batch, on the training device.
+            step: the optimizer step (0-based).
+            lookup: the batch's lookup, started ahead (`train.pipeline.PrefetchLoader.take_lookup`).
+            after_embed: called once the batch's embeddings are in: the pipeline starts the next batch's
+                input dist there, so it travels while this step computes.
+        """
         par = self.par
         factor = self.set_lr(step)
         par.engine.train()
         par.dmp.train()
-        sparse_BI = self.embed(batch)
+        sparse_BI = self.embed(batch, lookup)
+        if after_embed is not None:
+            after_embed()
         out = self.dense(sparse_BI, batch.dense)
         total, task, per_task_K = self.loss(out, batch, sparse_BI)
         par.engine.backward(total)

@@ -48,6 +48,7 @@ from train.checkpoint import (
     CheckpointParts,
     check_config_drift,
 )
+from train.pipeline import PrefetchLoader
 from train.rundir import Preempted, Preemption, drop_rows_after
 from train.step import TrainStep
 from train.validation import BestTracker, evaluate_split
@@ -112,6 +113,8 @@ class Trainer:
         self.layout, self.dmp, self.engine, self.model = self.par.layout, self.par.dmp, self.par.engine, self.par.model
         self.plan_report = self.par.plan_report
         self.step_fn = TrainStep(cfg, self.par, self.total_steps)
+        # batch i+1 copied and its input dist started while step i computes (training.pipeline)
+        self.loader = PrefetchLoader(self.loader, self.device, self.dmp, enabled=t.pipeline)
         self.ckpt = CheckpointManager(
             self.ckpt_root,
             CheckpointParts(self.dmp, self.model, self.engine.optimizer, self.layout, cfg.model.name),
@@ -318,9 +321,9 @@ class Trainer:
         last_eval: dict[str, dict[str, float]] = {}
         timer_t0, timer_steps = time.perf_counter(), 0
         while self.step < self.total_steps and not self.tracker.stopped:
-            for batch in self.loader:
-                batch = batch.to(self.device, non_blocking=True)
-                row, out = self.step_fn(batch, self.step)
+            for batch in self.loader:  # on the device
+                ahead = self.loader.prefetch_next if self.step + 1 < self.total_steps else None
+                row, out = self.step_fn(batch, self.step, lookup=self.loader.take_lookup(), after_embed=ahead)
                 self.step += 1
                 self.window_auc.update(torch.sigmoid(out.logits_BK.detach().float()), batch.labels, batch.weights)
                 timer_steps += 1
@@ -428,6 +431,9 @@ class Trainer:
             "wall_s": float(wall_s),
             "rows_consumed": int(rows_consumed),
             "restarts": int(self.info.restart_count),
+            "input_pipeline": (
+                "lookup ahead" if self.loader.split_lookup else "copy ahead" if self.loader.ahead else "off"
+            ),
             "world_size": self.info.world_size,
             "ep_size": self.layout.ep_size,
             "expert_params_per_rank": int(self.par.expert_params_per_rank),

@@ -46,10 +46,10 @@ def _crash_and_resume(data: str, out_a: str, out_b: str) -> tuple[dict, dict, di
     main(base_args(data, out_a, *args))
     original = TrainStep.__call__
 
-    def crashing(self, batch, step):  # a crash two steps after the checkpoint at step 4
+    def crashing(self, batch, step, **kw):  # a crash two steps after the checkpoint at step 4
         if step == 6:
             raise RuntimeError("simulated crash")
-        return original(self, batch, step)
+        return original(self, batch, step, **kw)
 
     TrainStep.__call__ = crashing
     try:
@@ -152,3 +152,30 @@ def test_run_directory_contract(dist_pool, tiny_data, tmp_path) -> None:
     for key in ("step", "epoch", "loss", "samples_per_s", "mfu", "lr"):
         assert all(key in r for r in rows if "loss" in r), key
     assert any("eval/click/auc" in r for r in rows)
+
+
+def _pipeline_on_and_off(data: str, out_on: str, out_off: str) -> tuple[dict, dict, dict, dict]:
+    from launch.train import main
+
+    args = ("--training.steps", "10", "--training.checkpoint_every", "4", "--training.eval_every", "5")
+    args += ("--training.eval_batches", "2", "--training.log_every", "1", "--training.keep_last", "5")
+    on = main(base_args(data, out_on, *args, "--training.pipeline", "true"))
+    off = main(base_args(data, out_off, *args, "--training.pipeline", "false"))
+    return losses(out_on), losses(out_off), on, off
+
+
+def test_pipelined_loop_trains_exactly_like_the_plain_one(dist_pool, tiny_data, tmp_path) -> None:
+    """Batch i+1's input dist started during step i (and an evaluation and checkpoints in between):
+    the same loss at every step, the same eval, the same rows, and the checkpoints resume at the same batch."""
+    on_dir, off_dir = tmp_path / "on", tmp_path / "off"
+    (l_on, l_off, s_on, s_off), _ = dist_pool.run(_pipeline_on_and_off, tiny_data, str(on_dir), str(off_dir))
+    assert s_on["input_pipeline"] == "lookup ahead" and s_off["input_pipeline"] == "off"
+    assert sorted(l_on) == list(range(1, 11)) and l_on == l_off
+    assert s_on["eval"] == s_off["eval"]
+    assert s_on["rows_consumed"] == s_off["rows_consumed"] == 10 * 64 * 2
+    assert s_on["audit"] == s_off["audit"] and s_on["data_health"] == s_off["data_health"]
+    import torch
+
+    for run in (on_dir, off_dir):  # the loader state in the step-4 checkpoint: 4 batches trained, not 5
+        state = torch.load(run / "checkpoints" / "step_00000004" / "rank0.pt", weights_only=True)
+        assert state["trainer"]["loader"]["batches_done"] == 4
