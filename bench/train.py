@@ -137,7 +137,7 @@ def _time_loop(tr: Any, args: argparse.Namespace, info: Any) -> None:
             t0 = time.perf_counter()
         ahead = tr.loader.prefetch_next if i + 1 < total else None
         row, _ = tr.step_fn(batch, i, lookup=tr.loader.take_lookup(), after_embed=ahead)
-        losses.append(row["loss"])
+        losses.append(float(row["loss"]))
         if i + 1 == total:
             break
     if tr.device.type == "cuda":

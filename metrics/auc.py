@@ -322,7 +322,7 @@ class WindowedAUC:
             raise ValueError(f"WindowedAUC: window must be >= 1 (metrics.train_auc_window), got {window}")
         self.tasks = list(tasks)
         self.distributed = distributed
-        self._steps: deque[Tensor] = deque(maxlen=window)  # each B x (2K + 1)
+        self._steps: deque[Tensor] = deque(maxlen=window)  # each B x (2K + 1), padding rows included
         self._device = device or torch.get_default_device()
 
     def update(self, probs_BK: Tensor, labels_BK: Tensor, weights_B: Tensor) -> None:
@@ -331,7 +331,7 @@ class WindowedAUC:
         vals = torch.cat(
             [probs_BK.detach().float(), labels_BK.detach().float(), weights_B.detach().float()[:, None]], 1
         )
-        self._steps.append(vals[weights_B > 0])
+        self._steps.append(vals)  # padding rows (weight 0) dropped in compute(): no device sync per step
         self._device = probs_BK.device
 
     def compute(self) -> dict[str, float]:
@@ -341,6 +341,7 @@ class WindowedAUC:
             vals = torch.cat(list(self._steps))
         else:
             vals = torch.zeros(0, 2 * k + 1, device=self._device)
+        vals = vals[vals[:, 2 * k] > 0]
         if self.distributed:
             vals = _all_gather_rows(vals)
         return {t: auc(vals[:, i], vals[:, k + i], vals[:, 2 * k]) for i, t in enumerate(self.tasks)}

@@ -87,17 +87,19 @@ def set_dense_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
-def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
-    """Clip by the global gradient norm (every expert counted once) and return that norm.
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip by the global gradient norm (every expert counted once) and return that norm (a 0-dim float64
+    tensor on the gradients' device: no host sync; `float()` it when logging).
 
     Call after `engine.backward` (gradients already reduced). Non-expert gradients are identical on
-    every rank; expert gradients of each expert-parallel rank are summed over its group.
+    every rank; expert gradients of each expert-parallel rank are summed over its group. Gradients are
+    scaled by min(1, max_norm / (norm + 1e-6)) on the device (a factor of exactly 1 leaves them unchanged).
     """
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
-        return 0.0
+        return torch.zeros((), dtype=torch.float64)
     # sums of squares stay on the gradients' device (the expert parts are all-reduced there, the
-    # backend's device): one host sync per step, for the returned norm
+    # backend's device)
     device = grads[0].device
     shared_sq = torch.zeros((), dtype=torch.float64, device=device)
     expert_sq: dict[str, torch.Tensor] = {}
@@ -116,9 +118,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
         if dist.get_world_size(group) > 1:
             dist.all_reduce(part, group=group)
         total = total + part
-    norm = float(total.sqrt())
-    if max_norm > 0 and norm > max_norm:
-        coef = max_norm / (norm + 1e-6)
-        for g in grads:
-            g.mul_(coef)
+    norm = total.sqrt()
+    if max_norm > 0:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
     return norm

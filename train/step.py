@@ -85,9 +85,9 @@ class TrainStep:
         set_sparse_lr(self.par.dmp, self.cfg.embeddings.lr * factor)
         return factor
 
-    def update(self) -> float:
+    def update(self) -> Tensor:
         """After backward: clip by the global norm, step the dense optimizer, steer the MoE controllers.
-        Returns the gradient norm before clipping."""
+        Returns the gradient norm before clipping (0-dim, on the device)."""
         par = self.par
         grad_norm = clip_grad_norm_(par.model, self.cfg.training.grad_clip)
         par.engine.step()
@@ -104,7 +104,8 @@ class TrainStep:
         lookup: StartedLookup | None = None,
         after_embed: Callable[[], None] | None = None,
     ) -> tuple[dict[str, Any], ModelOutput]:
-        """Train on `batch` as optimizer step `step` (0-based); returns (metrics of this rank, model output).
+        """Train on `batch` as optimizer step `step` (0-based); returns (metrics of this rank as 0-dim tensors or
+        floats, model output).
 
         Args:
             batch: the batch, on the training device.
@@ -124,13 +125,14 @@ class TrainStep:
         total, task, per_task_K = self.loss(out, batch, sparse_BI)
         par.engine.backward(total)
         grad_norm = self.update()
+        # tensors, read on the host only at log steps (no per-step device sync for metrics)
         metrics = {
-            "loss": float(task.detach()),
-            "reg_loss": float(out.reg_loss.detach()),
+            "loss": task.detach(),
+            "reg_loss": out.reg_loss.detach(),
             "grad_norm": grad_norm,
             "lr": self.cfg.training.lr * factor,
             "sparse_lr": self.cfg.embeddings.lr * factor,
-            **{f"loss/{k}": float(v) for k, v in zip(self.tasks, per_task_K)},
+            **{f"loss/{k}": v.detach() for k, v in zip(self.tasks, per_task_K)},
             **out.stats,
         }
         return metrics, out

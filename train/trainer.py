@@ -390,7 +390,7 @@ class Trainer:
 
     def _log_step(self, row: dict[str, Any], steps: int, dt: float) -> None:
         info = self.info
-        rows = [row["loss"], row["reg_loss"], float(steps * self.cfg.data.batch_size)]
+        rows = [float(row["loss"]), float(row["reg_loss"]), float(steps * self.cfg.data.batch_size)]
         loss, reg, samples = all_reduce_sum(rows, self.device)
         sps = samples / max(dt, 1e-9)
         sps_rank = sps / info.world_size
