@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from schema import check_one_of, check_range
 
 WANDB_MODES = ("offline", "online", "disabled")
+EVAL_AUC_MODES = ("histogram", "exact")
+"""`metrics.eval_auc` (`metrics.streaming.eval_accumulator` dispatches on these)."""
 """`metrics.wandb_mode` (`metrics.tracking.resolve_wandb_mode` decides on these)."""
 
 
@@ -22,6 +24,12 @@ class MetricsConfig:
     """W&B project."""
     peak_flops: float = 0.0
     """Peak FLOP/s of one device for MFU; 0 = per-device table on GPU, measured GEMM peak on CPU."""
+    eval_auc: str = "histogram"
+    """Evaluation metrics: 'histogram' (memory per rank independent of the eval set: AUC from score
+    histograms with its error bound reported as auc_bound, UAUC on the users' owner ranks; see
+    metrics/streaming.py) or 'exact' (every row all-gathered to every rank: small eval sets only)."""
+    eval_auc_bins: int = 2**18
+    """Bins of the 'histogram' AUC grid over the logit (8 MiB per task at the default)."""
     train_auc_window: int = 20
     """Steps in the windowed train AUC."""
     plots: bool = True
@@ -34,3 +42,5 @@ class MetricsConfig:
         check_one_of(self.wandb_mode, WANDB_MODES, "metrics.wandb_mode")
         check_range(self.peak_flops, "metrics.peak_flops", min=0.0)
         check_range(self.train_auc_window, "metrics.train_auc_window", min=1)
+        check_one_of(self.eval_auc, EVAL_AUC_MODES, "metrics.eval_auc")
+        check_range(self.eval_auc_bins, "metrics.eval_auc_bins", min=2)

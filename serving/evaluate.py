@@ -9,9 +9,9 @@ The model is the one `launch.export` writes (serving.model.InferenceModel): unsh
 from the checkpoint's DCP directory, experts merged from every expert-parallel shard, the MoE in
 eval mode with the inference router and zero-gate experts skipped. Under torchrun each rank scores
 its share of the rows (ParquetLoader, no shuffle, padding rows skipped) and the metrics are computed
-over all ranks (EvalAccumulator all-gathers), so any world size gives the same numbers. Every rank
-holds the whole model: fine up to tables of a host's memory (training-time eval uses the sharded
-tables instead).
+over all ranks (`metrics.eval_auc`: histograms reduced, or every row all-gathered), so any world size
+gives the same numbers. Every rank holds the whole model: fine up to tables of a host's memory
+(training-time eval uses the sharded tables instead).
 
 By default every row is scored (training.eval_batches is set to 0 unless given on the command line).
 
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from checkpoint.format import final_checkpoint, read_meta, require_complete
-from metrics.auc import EvalAccumulator
+from metrics.streaming import eval_accumulator
 from parallel.distributed import destroy, init_distributed
 from pipeline.loader import ParquetLoader
 from pipeline.plan import plan_dataset
@@ -58,7 +58,8 @@ def evaluate(run: Path, checkpoint: Path | None, overrides: list[str]) -> tuple[
             drop_last=False,
             num_workers=cfg.data.num_workers,
         )
-        acc = EvalAccumulator(model.tasks, device=device, users=bool(cfg.features.user_id))
+        m = cfg.metrics
+        acc = eval_accumulator(model.tasks, device, bool(cfg.features.user_id), m.eval_auc, m.eval_auc_bins)
         limit = cfg.training.eval_batches
         for i, batch in enumerate(loader):
             if limit and i >= limit:

@@ -128,7 +128,7 @@ class Trainer:
         self.peak, self.peak_source = peak_flops(
             self.device, t.dtype, cfg.metrics.peak_flops, cache_dir=REPO / ".build"
         )
-        self.window_auc = WindowedAUC(self.tasks, cfg.metrics.train_auc_window, device=self.device)
+        self.window_auc = WindowedAUC(self.tasks, cfg.metrics.train_auc_window, distributed=True, device=self.device)
         self.step = 0
         self.epoch = 0
         self.audits: list[dict[str, int]] = []
@@ -421,6 +421,7 @@ class Trainer:
         summary: dict[str, Any] = {
             "eval": {
                 task: {"auc": m["auc"], "uauc": m["uauc"], "logloss": m["logloss"], "ne": m.get("ne", math.nan)}
+                | ({"auc_bound": m["auc_bound"]} if "auc_bound" in m else {})
                 for task, m in final_eval.items()
             },
             "params": int(self.params),

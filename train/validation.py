@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from config.training import VALID_METRICS, TrainingConfig
-from metrics.auc import EvalAccumulator
+from metrics.streaming import eval_accumulator
 from pipeline.loader import ParquetLoader
 from train.step import TrainStep
 
@@ -40,7 +40,8 @@ def evaluate_split(
     par = step_fn.par
     par.engine.eval()
     par.dmp.eval()
-    acc = EvalAccumulator(tasks, device=device, users=bool(step_fn.cfg.features.user_id))
+    m = step_fn.cfg.metrics
+    acc = eval_accumulator(tasks, device, bool(step_fn.cfg.features.user_id), m.eval_auc, m.eval_auc_bins)
     for i, batch in enumerate(loader):
         if limit and i >= limit:
             break

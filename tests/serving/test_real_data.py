@@ -1,11 +1,13 @@
 """configs/adult.toml (real data, committed) end to end on 2 ranks: the dense statistics travel with the
 best checkpoint into `evaluate` and into the exported artifact, whose predictions reproduce the
-trainer's final test metrics bit for bit (fp32)."""
+trainer's final test metrics (fp32; the exact AUC of predict within the bound of training's histogram AUC)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,5 +47,7 @@ def test_adult_artifact_reproduces_the_trainers_test_metrics(dist_pool, tmp_path
     cols = predict_dataset(model, str(REPO / "datasets" / "adult" / "test"))
     metrics = prediction_metrics(cols, ["label"])["label"]
     assert "user_id" not in cols  # the data has no user ids: no UAUC either
-    assert metrics["auc"] == summary["eval"]["label"]["auc"] and metrics["count"] == 9769
-    assert metrics["logloss"] == summary["eval"]["label"]["logloss"]
+    # predict computes the exact AUC; training's eval the histogram one, within the bound it reports
+    label = summary["eval"]["label"]
+    assert abs(metrics["auc"] - label["auc"]) <= label["auc_bound"] + 1e-12 and metrics["count"] == 9769
+    assert metrics["logloss"] == pytest.approx(label["logloss"], rel=1e-12)

@@ -218,9 +218,10 @@ def test_ep2_shards_merge_and_two_rank_evaluate_equals_one(dist_pool, tiny_data,
         assert one["eval"][task]["logloss"] == pytest.approx(summary[task]["logloss"], rel=1e-5)
     assert two[0]["world_size"] == 2 and two[0]["eval"] == two[1]["eval"]
     for task in ("click", "finish"):
-        for key in ("auc", "uauc", "count"):
+        for key in ("auc", "count"):  # histogram counts: sums of whole weights, exact in any order
             assert two[0]["eval"][task][key] == one["eval"][task][key], (task, key)
-        assert two[0]["eval"][task]["logloss"] == pytest.approx(one["eval"][task]["logloss"], rel=1e-12)
+        for key in ("uauc", "logloss"):  # float sums over ranks in another order
+            assert two[0]["eval"][task][key] == pytest.approx(one["eval"][task][key], rel=1e-12), (task, key)
 
 
 def test_bf16_runtime_option_is_close_to_fp32(run, tiny_data) -> None:
