@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 
-from config import ConfigError, load_config
+from config import ConfigError, JobConfig, load_config
 from parallel.env import quiet_third_party, setup_env
 
 
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = load_config(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
+    sweep_trial_dir(cfg)
     setup_env()
     quiet_third_party()
     # DeepSpeed reads DS_ACCELERATOR when it is imported: these imports wait for setup_env().
@@ -50,6 +52,15 @@ def main(argv: list[str] | None = None) -> dict:
             lock.release()
         if info.owns_group:
             destroy()
+
+
+def sweep_trial_dir(cfg: JobConfig, environ: Mapping[str, str] = os.environ) -> None:
+    """Under `wandb agent` (WANDB_SWEEP_ID and the trial's WANDB_RUN_ID set by the agent), every trial trains
+    in its own run directory, `<output_dir>/<run id>`: one shared directory would make each trial resume
+    the previous one. Outside a sweep nothing changes."""
+    run_id = environ.get("WANDB_RUN_ID", "")
+    if environ.get("WANDB_SWEEP_ID") and run_id:
+        cfg.training.output_dir = str(cfg.output_dir / run_id)
 
 
 def print_summary(summary: dict) -> None:

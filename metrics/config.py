@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from schema import check_one_of, check_range
 
@@ -22,6 +22,14 @@ class MetricsConfig:
     """'offline', 'online' (default when WANDB_API_KEY is set) or 'disabled'."""
     wandb_project: str = "rankmixer"
     """W&B project."""
+    wandb_group: str = ""
+    """W&B group (runs compared together, e.g. a study's runs); empty = none."""
+    wandb_tags: list[str] = field(default_factory=list)
+    """W&B tags, e.g. ["baseline", "moe"]."""
+    wandb_notes: str = ""
+    """W&B notes: a sentence on what the run tries."""
+    wandb_job_type: str = "train"
+    """W&B job type ('train' for training runs; the study uses it too)."""
     peak_flops: float = 0.0
     """Peak FLOP/s of one device for MFU; 0 = per-device table on GPU, measured GEMM peak on CPU."""
     eval_auc: str = "histogram"

@@ -212,7 +212,9 @@ class WandbSink:
 
             self._wandb = wandb
             mode = resolve_wandb_mode(cfg.wandb_mode)
-            run_id = resolve_run_id(run_dir, run_id, resume)
+            sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
+            # under `wandb agent` the agent decides the run id (WANDB_RUN_ID): ours would be ignored
+            run_id = None if sweep else resolve_run_id(run_dir, run_id, resume)
             self.run = wandb.init(
                 project=cfg.wandb_project,
                 name=run_dir.name,
@@ -220,9 +222,14 @@ class WandbSink:
                 resume="allow",
                 dir=str(run_dir),
                 mode=mode,
+                group=cfg.wandb_group or None,
+                tags=list(cfg.wandb_tags) or None,
+                notes=cfg.wandb_notes or None,
+                job_type=cfg.wandb_job_type or None,
                 config=to_python(config_dict),
                 settings=wandb.Settings(console="off", silent=True),
             )
+            (run_dir / RUN_ID_FILE).write_text(self.run.id + "\n")  # the id W&B really uses (a sweep's too)
             self.run.define_metric("step")
             self.run.define_metric("*", step_metric="step")
         except Exception as e:  # noqa: BLE001 - W&B must never stop training
@@ -243,17 +250,19 @@ class WandbSink:
                 pass
 
     def _convert(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        """Scalars as they are; a 2-D numeric list -> heatmap image + per-row means; strings dropped."""
+        """Scalars as they are; a 2-D numeric list (e.g. moe/active_LT, layers x tokens) -> a heatmap image
+        under `<key>/heatmap`, one scalar per cell (`<key>/l<i>_t<j>`) and per-row means; strings dropped."""
         out: dict[str, Any] = {}
         for key, value in to_python(metrics).items():
             if isinstance(value, bool | int | float):
                 out[key] = value
             elif isinstance(value, list) and value and all(isinstance(r, list) for r in value):
-                out[key] = self._wandb.Image(heatmap_rgb(value, key))
+                out[f"{key}/heatmap"] = self._wandb.Image(heatmap_rgb(value, key))
                 for i, row in enumerate(value):
                     nums = [v for v in row if isinstance(v, int | float)]
                     if nums:
                         out[f"{key}/row{i}_mean"] = sum(nums) / len(nums)
+                    out.update({f"{key}/l{i}_t{j}": v for j, v in enumerate(row) if isinstance(v, int | float)})
             elif isinstance(value, list) and all(isinstance(v, int | float) for v in value):
                 out.update({f"{key}/{i}": v for i, v in enumerate(value)})
         return out

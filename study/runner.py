@@ -79,6 +79,9 @@ class StudySpec:
     """[study.arms.NAME]: job overrides per model of the main table."""
     scaling: dict[str, dict[str, Any]] = field(default_factory=dict)
     """[study.scaling.NAME]: the sweep points."""
+    wandb: bool = False
+    """Log every run to W&B (metrics.wandb on) in one group named after the study's output folder, job
+    type 'study', tagged with its arm; W&B settings never make a finished run look like another job."""
 
     @property
     def world_size(self) -> int:
@@ -218,6 +221,14 @@ def make_run(
             set_dotted(tree, key, value)
     tree["training"] |= {"seed": seed, "lr": lr, "steps": steps, "name": run_id, "resume": "never"}
     tree["training"]["output_dir"] = str((out / "runs" / run_id).resolve())
+    if spec.wandb:
+        tree.setdefault("metrics", {})
+        tree["metrics"] |= {
+            "wandb": True,
+            "wandb_group": out.resolve().name,
+            "wandb_job_type": "study",
+            "wandb_tags": [name],
+        }
     if spec.launcher == "torchrun":
         bs = tree["data"]["batch_size"]
         if bs % spec.nproc:
@@ -240,6 +251,8 @@ def _job(tree: dict[str, Any]) -> dict[str, Any]:
     """A job tree as TOML reads it back, without its (relocatable) output_dir: what reuse compares."""
     out = tomllib.loads(tomli_w.dumps(tree))
     out["training"].pop("output_dir", None)
+    for key in [k for k in out.get("metrics", {}) if k.startswith("wandb")]:  # tracking, not training
+        out["metrics"].pop(key)
     return out
 
 

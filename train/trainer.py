@@ -384,7 +384,8 @@ class Trainer:
             self.logger.log(eval_metrics_flat(final_eval), self.step)
         self.logger.log_summary(summary)
         if info.is_main and self.cfg.metrics.plots:
-            self.logger.log_images({p.stem: p for p in write_plots(self.run_dir)}, self.step)
+            # under plots/: a plot named like a metric ("loss") would turn that metric's summary into an image
+            self.logger.log_images({f"plots/{p.stem}": p for p in write_plots(self.run_dir)}, self.step)
         self.logger.close()
         return summary
 

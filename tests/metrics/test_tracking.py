@@ -139,6 +139,7 @@ def test_wandb_log_failure_warns_once_and_disables(tmp_path, monkeypatch):
 
     class FakeRun:
         summary: dict[str, Any] = {}
+        id = "fakerun"
 
         def define_metric(self, *args: Any, **kwargs: Any) -> None:
             pass
@@ -160,7 +161,7 @@ def test_wandb_log_failure_warns_once_and_disables(tmp_path, monkeypatch):
     assert len(messages) == 1 and "W&B log failed (OSError: disk full)" in messages[0]
     assert len(calls) == 2  # disabled after the failure
     assert calls[0] == {**{k: v for k, v in ROWS[0].items()}, "step": 10}
-    assert calls[1]["moe/active_LT"] == "image" and calls[1]["moe/active_LT/row0_mean"] == 0.375
+    assert calls[1]["moe/active_LT/heatmap"] == "image" and calls[1]["moe/active_LT/row0_mean"] == 0.375
 
 
 def test_offline_wandb_run_is_written(tmp_path, monkeypatch):
@@ -175,3 +176,24 @@ def test_offline_wandb_run_is_written(tmp_path, monkeypatch):
     data = files[0].read_bytes()
     for key in (b"loss", b"eval/ctr/auc", b"moe/active_LT/row1_mean", b"data/skipped_rows"):
         assert key in data, key
+
+
+def test_sweep_trial_gets_its_own_run_dir_and_the_agents_run_id(tmp_path, monkeypatch):
+    """Under `wandb agent` (WANDB_SWEEP_ID + the trial's WANDB_RUN_ID): the run dir is <output_dir>/<run id>
+    (a shared one would make each trial resume the previous one) and the id recorded is the agent's."""
+    from config import load_config
+    from launch.train import sweep_trial_dir
+
+    cfg = load_config(["--config", "configs/tiny.toml", "--training.output_dir", str(tmp_path / "sweep")])
+    sweep_trial_dir(cfg, {})
+    assert cfg.output_dir == tmp_path / "sweep"  # no sweep: unchanged
+    sweep_trial_dir(cfg, {"WANDB_SWEEP_ID": "s1", "WANDB_RUN_ID": "trial7abc"})
+    assert cfg.output_dir == tmp_path / "sweep" / "trial7abc"
+    monkeypatch.setenv("WANDB_SWEEP_ID", "s1")
+    monkeypatch.setenv("WANDB_RUN_ID", "trial7abc")
+    run = cfg.output_dir
+    logger = MetricsLogger(run, MetricsConfig(progress=False, wandb_mode="offline"), rank=0, config_dict={})
+    logger.log({"loss": 1.0}, 1)
+    logger.close()
+    assert (run / "wandb_run_id").read_text().strip() == "trial7abc"
+    assert list((run / "wandb").glob("offline-run-*-trial7abc"))

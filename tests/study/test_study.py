@@ -181,3 +181,22 @@ def test_grid_option_parses_typed_values_and_multiplies_points(tmp_path: Path) -
         study.parse_grid(["model.dropuot=0,1"])
     with pytest.raises(study.StudyError, match="expected an integer"):
         study.parse_grid(["features.dense_buckets=many"])
+
+
+def test_study_runs_log_to_wandb_in_one_group(tmp_path: Path) -> None:
+    """study.wandb: every run logs to W&B, grouped by the study, tagged by arm; the W&B settings are not part
+    of what makes a finished run reusable."""
+    spec = study.StudySpec(seeds=[0], lr_grid=[0.001], arms={"rankmixer": {}}, wandb=True)
+    base = {"training": {"name": "x"}, "data": {"batch_size": 64}, "metrics": {"wandb": False}}
+    run = study.make_run(base, "rankmixer", {}, 0, {"training.lr": 0.001}, 5, tmp_path / "my_study", spec)
+    assert run.tree["metrics"] == {
+        "wandb": True,
+        "wandb_group": "my_study",
+        "wandb_job_type": "study",
+        "wandb_tags": ["rankmixer"],
+    }
+    quiet = study.make_run(
+        base, "rankmixer", {}, 0, {"training.lr": 0.001}, 5, tmp_path / "my_study", study.StudySpec()
+    )
+    assert quiet.tree["metrics"] == {"wandb": False}
+    assert study._same_job(run.tree, quiet.tree)  # turning W&B on does not retrain finished runs
