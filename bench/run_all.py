@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = ("pipeline", "model", "train", "serve", "faults", "eval", "gpu_check")
+BENCHES = ("pipeline", "model", "train", "serve", "faults", "eval", "plan", "rehearsal", "gpu_check")
 
 
 def main(argv: list[str] | None = None) -> int:

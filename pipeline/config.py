@@ -186,6 +186,10 @@ class DataConfig:
     on_bad_file: str = "error"
     """'error': a corrupt file or a schema problem stops the job before training with a one-line
     error naming file and column. 'skip': such files are skipped and counted."""
+    plan_threads: int = 0
+    """Threads reading Parquet footers while planning; 0 = the CPU count on a local filesystem (the work
+    is CPU-bound there) and 32 on a remote one (each footer is a round trip: latency, not bytes, is the
+    cost). bench.plan measures it."""
     row_id_column: str = "row_id"
     """Column of unique int64 row ids used for the exactly-once audit; empty disables the audit."""
     prefetch_row_groups: int = 2
@@ -202,6 +206,7 @@ class DataConfig:
         check_range(self.valid_fraction, "data.valid_fraction", min=0.0, max=1.0, max_open=True)
         if self.valid and self.valid_fraction > 0:
             raise ConfigError("data.valid and data.valid_fraction are both set; pick one source of validation rows")
+        check_range(self.plan_threads, "data.plan_threads", min=0)
         for name in ("batch_size", "eval_batch_size", "shuffle_window", "prefetch_row_groups"):
             check_range(getattr(self, name), f"data.{name}", min=1)
         check_range(self.num_workers, "data.num_workers", min=0)

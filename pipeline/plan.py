@@ -16,6 +16,9 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -183,25 +186,40 @@ def _expected(data: DataConfig, features: FeaturesConfig) -> dict[str, tuple[str
     return out
 
 
+class _SchemaCache:
+    """The last Parquet schema that passed the column checks: files of one dataset nearly always share
+    their schema, so the Arrow conversion and the checks run once, not once per file (thread-safe:
+    a stale read only means one more check)."""
+
+    def __init__(self) -> None:
+        self.passed: tuple[pq.ParquetSchema, pa.Schema] | None = None
+
+
 def _check_file(
-    fs: pafs.FileSystem, path: str, expected: dict[str, tuple[str, object]]
+    fs: pafs.FileSystem, path: str, expected: dict[str, tuple[str, object]], cache: _SchemaCache | None = None
 ) -> tuple[list[WorkUnit], pa.Schema]:
     """Read one footer; return its units (file_index filled in by the caller) or raise DataError."""
     try:
         with fs.open_input_file(path) as f:
-            md = pq.ParquetFile(f).metadata
-            schema = md.schema.to_arrow_schema()
+            md = pq.read_metadata(f)
     except (OSError, pa.ArrowException) as e:
         raise DataError(
             f"{path}: not a readable Parquet file (corrupt or truncated?): {str(e).splitlines()[0]}"
         ) from None
-    for col, (desc, ok) in expected.items():
-        idx = schema.get_field_index(col)
-        if idx < 0:
-            raise DataError(f"{path}: column '{col}' is missing; expected {desc}")
-        t = schema.field(idx).type
-        if not ok(t):  # type: ignore[operator]
-            raise DataError(f"{path}: column '{col}' has type {t}; expected {desc}")
+    passed = cache.passed if cache is not None else None
+    if passed is not None and md.schema.equals(passed[0]):
+        schema = passed[1]
+    else:
+        schema = md.schema.to_arrow_schema()
+        for col, (desc, ok) in expected.items():
+            idx = schema.get_field_index(col)
+            if idx < 0:
+                raise DataError(f"{path}: column '{col}' is missing; expected {desc}")
+            t = schema.field(idx).type
+            if not ok(t):  # type: ignore[operator]
+                raise DataError(f"{path}: column '{col}' has type {t}; expected {desc}")
+        if cache is not None:
+            cache.passed = (md.schema, schema)
     if md.num_rows == 0 or md.num_row_groups == 0:
         raise DataError(f"{path}: file is empty (0 rows)")
     units = []
@@ -233,18 +251,34 @@ def plan_dataset(uri: str, data: DataConfig, features: FeaturesConfig) -> Datase
     units: list[WorkUnit] = []
     skipped: list[tuple[str, str]] = []
     schema = None
-    for path in paths:
+
+    cache = _SchemaCache()
+
+    def check(path: str) -> tuple[list[WorkUnit], pa.Schema] | DataError:
         try:
-            file_units, file_schema = _check_file(fs, path, expected)
+            return _check_file(fs, path, expected, cache)
         except DataError as e:
-            if data.on_bad_file == "error":
-                raise
-            skipped.append((path, str(e)))
-            continue
-        fi = len(files)
-        files.append(path)
-        units += [WorkUnit(fi, u.row_group, u.start, u.stop) for u in file_units]
-        schema = schema or file_schema
+            return e
+
+    # footers read by `data.plan_threads` threads (Arrow releases the GIL on I/O); results are taken in
+    # path order, so the plan and the first error reported do not depend on the threads
+    auto = (os.cpu_count() or 1) if isinstance(fs, pafs.LocalFileSystem) else 32
+    threads = max(1, min(data.plan_threads or auto, len(paths)))
+    with ThreadPoolExecutor(threads) if threads > 1 else nullcontext() as pool:
+        results = pool.map(check, paths) if pool is not None else map(check, paths)
+        for path, result in zip(paths, results):
+            if isinstance(result, DataError):
+                if data.on_bad_file == "error":
+                    if pool is not None:  # do not wait for the footers still queued
+                        pool.shutdown(wait=False, cancel_futures=True)
+                    raise result
+                skipped.append((path, str(result)))
+                continue
+            file_units, file_schema = result
+            fi = len(files)
+            files.append(path)
+            units += [WorkUnit(fi, u.row_group, u.start, u.stop) for u in file_units]
+            schema = schema or file_schema
     if not files:
         reasons = "; ".join(r for _, r in skipped[:3])
         raise DataError(f"{uri}: no usable Parquet file ({len(skipped)} skipped: {reasons})")
