@@ -6,7 +6,7 @@ files, and the per-rank split of the plan.
 Writes one small Parquet file of the synthetic schema (100 rows in 4 row groups of 25) and copies it to
 N files in a temporary folder (the benchmark measures planning, so the files are tiny), then per N and
 thread count: wall seconds of `plan_dataset`, the Python heap it allocated (tracemalloc peak, in a
-second untimed plan, first thread count only) and what the plan holds per file, and the time to
+second untimed plan) and what the plan holds per file, and the time to
 split the plan over 64 ranks (`pipeline.split`). The last line fits time = a + b x files by least
 squares over the sizes (the scaling law).
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for n in sizes:
             folder = _files(root, n, template)
             for threads in thread_counts:
-                rows.append(measure(folder, threads, cfg.data, cfg.features, memory=threads == thread_counts[0]))
+                rows.append(measure(folder, threads, cfg.data, cfg.features, memory=True))
                 r = rows[-1]
                 print(
                     f"{n:>8,d} files  {threads:>2d} threads  {r['seconds']:7.2f} s  "

@@ -17,9 +17,12 @@ import dataclasses
 import fnmatch
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -31,6 +34,7 @@ from pipeline.errors import DataError
 __all__ = ["DataError", "DatasetPlan", "WorkUnit", "carve_tail", "plan_dataset", "resolve_files", "required_columns"]
 
 _GLOB_CHARS = "*?["
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -230,6 +234,18 @@ def _check_file(
     return units, schema
 
 
+def _bounded_map(pool: ThreadPoolExecutor, fn: Callable[[str], T], items: list[str], ahead: int) -> Iterator[T]:
+    """`pool.map(fn, items)` in order, with at most `ahead` calls queued or running: `Executor.map` submits
+    every item at once, and a million pending futures cost more memory than the plan itself."""
+    pending: deque[Future[T]] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def plan_dataset(uri: str, data: DataConfig, features: FeaturesConfig) -> DatasetPlan:
     """List `uri`, read every footer, check the configured columns and build work units.
 
@@ -265,7 +281,7 @@ def plan_dataset(uri: str, data: DataConfig, features: FeaturesConfig) -> Datase
     auto = (os.cpu_count() or 1) if isinstance(fs, pafs.LocalFileSystem) else 32
     threads = max(1, min(data.plan_threads or auto, len(paths)))
     with ThreadPoolExecutor(threads) if threads > 1 else nullcontext() as pool:
-        results = pool.map(check, paths) if pool is not None else map(check, paths)
+        results = _bounded_map(pool, check, paths, 8 * threads) if pool is not None else map(check, paths)
         for path, result in zip(paths, results):
             if isinstance(result, DataError):
                 if data.on_bad_file == "error":
