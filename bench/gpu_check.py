@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import importlib.util
 import json
-import math
 import os
 import platform
 import subprocess
@@ -55,7 +54,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python bench/gpu_check.py` from anywhere
     sys.path.insert(0, str(REPO))
 
-from metrics.mfu import measure_gemm_flops, table_peak  # noqa: E402
+from bench.gpu_report import print_report, summarize  # noqa: E402
+from metrics.mfu import measure_gemm_flops  # noqa: E402
 from model.config import DenseInputSpec, ModelConfig, MoEConfig  # noqa: E402
 from model.ffn import PerTokenFFN  # noqa: E402
 from model.mixing import SelfAttention, TokenMixing  # noqa: E402
@@ -398,23 +398,6 @@ def _part(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> None:
     print(f"[gpu_check] {name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
 
-def _summarize(res: dict[str, Any]) -> None:
-    """Headline figures derived from the parts (MFU of the best dense step, against both peaks)."""
-    steps = [r for r in res.get("dense_step", []) if isinstance(r, dict) and "model_tflops" in r]
-    gemm = res.get("gemm_tflops", {})
-    if not steps:
-        return
-    best = max(steps, key=lambda r: r["model_tflops"])
-    head: dict[str, Any] = {"best_dense_step": best, "dense_step_tflops": best["model_tflops"]}
-    if isinstance(gemm, dict) and gemm.get("bf16"):
-        head["mfu_vs_measured_bf16_gemm"] = best["model_tflops"] / gemm["bf16"]
-    peak = table_peak(res["env"].get("device_name", ""), "bf16") if res["env"]["device"].startswith("cuda") else None
-    if peak:
-        head["datasheet_bf16_tflops"] = peak / 1e12
-        head["mfu_vs_datasheet_bf16"] = best["model_tflops"] * 1e12 / peak
-    res["headline"] = head
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run every part, print the figures, write the JSON; exit code 1 when a part failed."""
     p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
@@ -471,69 +454,16 @@ def main(argv: list[str] | None = None) -> int:
         res["trainer"] = {
             "skipped": "--trainer-steps 0" if args.trainer_steps <= 0 else f"not importable: {', '.join(missing)}"
         }
-    _summarize(res)
+    summarize(res)
     res["total_s"] = time.perf_counter() - t_start
     failed = [k for k, v in res.items() if isinstance(v, dict) and "error" in v]
     failed += [f"dense_step b={int(r['batch'])}" for r in res["dense_step"] if "error" in r]
     res["failed"] = failed
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(res, indent=2, default=str) + "\n")
-    _print(res)
+    print_report(res)
     print(f"[gpu_check] wrote {args.json}" + (f"; FAILED: {', '.join(failed)}" if failed else ""), file=sys.stderr)
     return 1 if failed else 0
-
-
-def _print(res: dict[str, Any]) -> None:
-    """The figures, one line each."""
-    env = res["env"]
-    print(f"gpu_check  {env['device_name']}  torch {env['torch']}  {'smoke sizes' if res['smoke'] else ''}")
-    g = res.get("gemm_tflops", {})
-    if "error" not in g:
-        print("  GEMM ceilings (TFLOP/s): " + ", ".join(f"{k} {v:.1f}" for k, v in g.items()))
-    for r in res["dense_step"]:
-        if "error" in r:
-            print(f"  dense step b={int(r['batch'])} compiled={r['compiled']}: FAILED {r['error']}")
-            continue
-        mfu = r["model_tflops"] / g["bf16"] if g.get("bf16") else math.nan
-        print(
-            f"  dense step b={int(r['batch']):6d} {'compiled' if r['compiled'] else 'eager   '}  "
-            f"{r['step_s'] * 1e3:8.2f} ms  "
-            f"{r['samples_per_s']:12,.0f} samples/s  {r['model_tflops']:7.2f} TFLOP/s  MFU vs bf16 GEMM {mfu:.3f}"
-        )
-    for r in res["dense_step"]:
-        for k in r.get("profile", [])[:10]:
-            print(
-                f"    {k['share']:6.1%}  {k['ms_per_step']:7.2f} ms/step  x{k['calls_per_step']:<5.0f} {k['op'][:80]}"
-            )
-    h = res.get("headline", {})
-    if "mfu_vs_datasheet_bf16" in h:
-        print(
-            f"  best dense step: MFU {h['mfu_vs_datasheet_bf16']:.3f} of the datasheet bf16 peak "
-            f"({h['datasheet_bf16_tflops']:.0f} TFLOP/s)"
-        )
-    for name, key in (
-        ("mixing vs attention", "mixing_vs_attention"),
-        ("sparse vs dense inference", "sparse_inference"),
-    ):
-        r = res.get(key, {})
-        if "error" in r:
-            print(f"  {name}: FAILED {r['error']}")
-        elif key == "mixing_vs_attention":
-            print(
-                f"  {name}: time ratio {r['speedup']:.2f} (FLOPs ratio {r['flops_ratio']:.2f}), "
-                f"{r['mixing_tflops']:.1f} / {r['attention_tflops']:.1f} TFLOP/s"
-            )
-        else:
-            print(
-                f"  {name}: {r['speedup']:.2f}x at activation {r['activation']:.3f} "
-                f"(fp32 max |diff| {r['max_abs_diff_fp32']:.1e})"
-            )
-    t = res.get("trainer", {})
-    if "samples_per_s" in t:
-        print(f"  trainer ({t['config']}, {t['steps']} steps): {t['samples_per_s']:,.0f} samples/s, MFU {t['mfu']:.3f}")
-    else:
-        print(f"  trainer: {t.get('skipped') or 'FAILED ' + str(t.get('error'))}")
-    print(f"  total {res['total_s']:.0f} s")
 
 
 if __name__ == "__main__":

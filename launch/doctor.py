@@ -11,49 +11,8 @@ import importlib
 import os
 import sys
 
-from parallel.env import TORCH_EXTENSIONS_DIR, detect_runtime, gpu_name, setup_env
+from parallel.env import TORCH_EXTENSIONS_DIR, detect_runtime, gpu_name, install_problems, setup_env
 from pipeline import native
-
-TORCH_CUDA_FIX = (
-    "reinstall torch's CUDA build: .venv/bin/python -m pip install --force-reinstall --no-deps --isolated "
-    "--index-url https://download.pytorch.org/whl/cu128 torch==2.13.0 (a local wheel cache's CPU build "
-    "also satisfies torch==2.13.0)"
-)
-
-
-def install_problems(variant: str) -> list[str]:
-    """What is wrong with the installed stack for `variant` ('cpu' or 'cuda'), one line each with the fix:
-    torch sees CUDA iff the variant is cuda (and is a CUDA build), and fbgemm's ops load and run on the
-    variant's device."""
-    import torch
-
-    problems = []
-    cuda_build = torch.version.cuda is not None
-    if variant == "cuda" and not cuda_build:
-        problems.append(f"torch {torch.__version__} is a CPU build on a GPU host: {TORCH_CUDA_FIX}")
-    elif variant == "cuda" and not torch.cuda.is_available():
-        problems.append(
-            f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU although nvidia-smi does: check "
-            "the driver (nvidia-smi's CUDA version must be >= torch's) and CUDA_VISIBLE_DEVICES"
-        )
-    elif variant == "cpu" and torch.cuda.is_available():
-        problems.append(
-            "torch sees a GPU but the CPU variant was installed: rerun make install (it detects the GPU with "
-            "nvidia-smi) or RANKMIXER_VARIANT=cuda make install"
-        )
-    try:
-        import fbgemm_gpu  # noqa: F401
-
-        device = "cuda" if variant == "cuda" and torch.cuda.is_available() else "cpu"
-        x = torch.tensor([1, 2, 3], dtype=torch.int64, device=device)
-        torch.ops.fbgemm.asynchronous_complete_cumsum(x)
-    except Exception as e:  # noqa: BLE001 - reported with the fix
-        want = "fbgemm-gpu==1.8.0" if variant == "cuda" else "fbgemm-gpu-cpu==1.8.0"
-        problems.append(
-            f"fbgemm ops do not run on {variant}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
-            f"install {want} for torch 2.13.0 (rm .venv/.installed && make install)"
-        )
-    return problems
 
 
 def main(argv: list[str] | None = None) -> int:

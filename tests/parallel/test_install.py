@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.doctor import install_problems
+from parallel.env import install_problems
 
 REPO = Path(__file__).resolve().parents[2]
 
