@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import math
 import os
 from collections import deque
@@ -65,8 +66,10 @@ class DatasetPlan:
     schema: pa.Schema | None = None
     """Arrow schema of the first usable file."""
 
-    @property
+    @functools.cached_property
     def num_rows(self) -> int:
+        """Rows of all units (computed once: the loader's state asks for it at every step, and a plan of
+        100k files has ~400k units; `dataclasses.replace` builds a new plan, with its own count)."""
         return sum(u.num_rows for u in self.units)
 
     def fingerprint(self) -> tuple[int, int, int]:
