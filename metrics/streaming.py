@@ -22,7 +22,7 @@ or grows as 1/world of it (UAUC).
 The same numbers on every rank; 2 ranks give what 1 rank gives on the same rows (up to float sums).
 The exact all-gather path stays available as `metrics.auc.EvalAccumulator` (`metrics.eval_auc = "exact"`).
 
-Legend: B batch rows, K tasks, N rows, R bins.
+Legend: B batch rows, K tasks, N rows, Y histogram bins.
 """
 
 from __future__ import annotations
@@ -41,28 +41,28 @@ DEFAULT_BINS = 2**18
 _EPS = 1e-7
 
 
-def histogram_auc(hist_2R: Tensor, mixed_R: Tensor | None = None) -> tuple[float, float]:
+def histogram_auc(hist_2Y: Tensor, mixed_Y: Tensor | None = None) -> tuple[float, float]:
     """(AUC, bound on its error) from one task's class histograms.
 
     Args:
-        hist_2R: 2 x R float64, row 0 the negatives' weight per bin, row 1 the positives', bins in
+        hist_2Y: 2 x Y float64, row 0 the negatives' weight per bin, row 1 the positives', bins in
             increasing score order.
-        mixed_R: R bools, whether a bin holds more than one distinct score (None: assume all do). Pairs
+        mixed_Y: Y bools, whether a bin holds more than one distinct score (None: assume all do). Pairs
             in a bin of one score are true ties, counted 1/2 exactly: they do not enter the bound.
 
     Returns:
         (auc, bound): NaN, NaN when a class has no weight.
     """
-    neg_R, pos_R = hist_2R[0], hist_2R[1]
-    n, p = float(neg_R.sum()), float(pos_R.sum())
+    neg_Y, pos_Y = hist_2Y[0], hist_2Y[1]
+    n, p = float(neg_Y.sum()), float(pos_Y.sum())
     if n <= 0 or p <= 0:
         return math.nan, math.nan
-    below_R = torch.cumsum(neg_R, 0) - neg_R  # negatives' weight strictly below each bin
-    pairs = float((pos_R * (below_R + 0.5 * neg_R)).sum())
-    same_bin_R = pos_R * neg_R
-    if mixed_R is not None:
-        same_bin_R = same_bin_R * mixed_R
-    return pairs / (p * n), 0.5 * float(same_bin_R.sum()) / (p * n)
+    below_Y = torch.cumsum(neg_Y, 0) - neg_Y  # negatives' weight strictly below each bin
+    pairs = float((pos_Y * (below_Y + 0.5 * neg_Y)).sum())
+    same_bin_Y = pos_Y * neg_Y
+    if mixed_Y is not None:
+        same_bin_Y = same_bin_Y * mixed_Y
+    return pairs / (p * n), 0.5 * float(same_bin_Y.sum()) / (p * n)
 
 
 class StreamingEvalAccumulator:
@@ -78,7 +78,7 @@ class StreamingEvalAccumulator:
         tasks: the K task names, in label-column order.
         device: where the histograms and sums live (the training device: NCCL reduces CUDA tensors).
         users: keep rows for UAUC (features.user_id set); False: UAUC is NaN and nothing grows.
-        bins: R, bins of the AUC grid (metrics.eval_auc_bins).
+        bins: Y, bins of the AUC grid (metrics.eval_auc_bins).
     """
 
     def __init__(self, tasks: list[str], device: torch.device, users: bool = True, bins: int = DEFAULT_BINS) -> None:
@@ -185,14 +185,14 @@ class StreamingEvalAccumulator:
             dist.all_reduce(sums)
             dist.all_reduce(lo, op=dist.ReduceOp.MIN)
             dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        mixed_KR = (lo < hi).view(k, r)
+        mixed_KY = (lo < hi).view(k, r)
         uauc = self._uauc() if self.users else [math.nan] * k
-        hist_K2R = hist.view(k, 2, r)
+        hist_K2Y = hist.view(k, 2, r)
         s = sums.tolist()
         out: dict[str, dict[str, float]] = {}
         for i, task in enumerate(self.tasks):
             w, wy, wce = s[i], s[k + i], s[2 * k + i]
-            a, bound = histogram_auc(hist_K2R[i], mixed_KR[i])
+            a, bound = histogram_auc(hist_K2Y[i], mixed_KY[i])
             rate = wy / w if w > 0 else math.nan
             ll = wce / w if w > 0 else math.nan
             ent = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate)) if 0 < rate < 1 else math.nan
