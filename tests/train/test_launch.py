@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.faults import workers
 from tests.dist_pool import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -128,22 +129,6 @@ def test_deepspeed_launcher_trains_like_torchrun(single_node_run: Path, tiny_dat
         assert ds[step] == pytest.approx(ref[step], rel=1e-5), step
 
 
-def _workers(agent_pid: int) -> list[int]:
-    """PIDs of the training ranks under a torchrun agent."""
-    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
-    children: dict[int, list[tuple[int, str]]] = {}
-    for line in out.splitlines()[1:]:
-        pid, ppid, args = line.split(None, 2)
-        children.setdefault(int(ppid), []).append((int(pid), args))
-    found, todo = [], [agent_pid]
-    while todo:
-        for pid, args in children.get(todo.pop(), []):
-            todo.append(pid)
-            if "launch.train" in args and "torch.distributed.run" not in args:
-                found.append(pid)
-    return found
-
-
 def test_elastic_restart_after_kill9_consumes_every_row_once(tmp_path) -> None:
     from pipeline.tools.synth import main as synth
 
@@ -171,7 +156,7 @@ def test_elastic_restart_after_kill9_consumes_every_row_once(tmp_path) -> None:
     while not list((run / "checkpoints").glob("step_00000040")) and time.time() < deadline:
         assert proc.poll() is None, output(proc)[-4000:]
         time.sleep(0.2)
-    victims = _workers(proc.pid)
+    victims = workers(proc.pid)
     assert len(victims) == 2, victims
     os.kill(victims[1], signal.SIGKILL)
     out = finish(proc, timeout=300)
