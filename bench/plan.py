@@ -35,7 +35,7 @@ from pipeline.tools.synth import generate
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _files(root: Path, n: int, template: Path) -> Path:
+def link_copies(root: Path, n: int, template: Path) -> Path:
     """`n` copies of `template` in root/n<N> (hard links where the filesystem allows: no data written)."""
     out = root / f"n{n}"
     out.mkdir()
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         generate(root / "src", 100, 1, 0, 0.0, 25, "zstd")
         template = next((root / "src" / "train").glob("*.parquet"))
         for n in sizes:
-            folder = _files(root, n, template)
+            folder = link_copies(root, n, template)
             for threads in thread_counts:
                 rows.append(measure(folder, threads, cfg.data, cfg.features, memory=True))
                 r = rows[-1]

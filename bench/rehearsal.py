@@ -26,12 +26,12 @@ import os
 import pickle
 import tempfile
 import time
-import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.plan import fit, link_copies, measure
 from config import load_config
 from config.job import dense_input_spec
 from embeddings.regroup import sparse_dim, sparse_group_widths
@@ -45,33 +45,17 @@ from pipeline.tools.synth import generate
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _copies(src: Path, dst: Path, n: int) -> Path:
-    dst.mkdir()
-    for i in range(n):
-        os.link(src, dst / f"part-{i:06d}.parquet")
-    return dst
-
-
 def measure_plan(root: Path, template: Path, cfg: Any) -> dict[str, float]:
-    """Plan seconds and heap at two file counts -> per-file time and heap (row groups per file: the template's)."""
-    out = {}
-    pts = []
-    for n in (2000, 8000):
-        folder = _copies(template, root / f"plan{n}", n)
-        t0 = time.perf_counter()
-        plan = plan_dataset(str(folder), cfg.data, cfg.features)
-        pts.append((n, time.perf_counter() - t0))
-        tracemalloc.start()
-        plan = plan_dataset(str(folder), cfg.data, cfg.features)
-        heap = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        out[f"heap_bytes_per_file_{n}"] = heap / n
-        out["groups_per_file"] = len(plan.units) / n
-    (n0, t0_), (n1, t1_) = pts
-    out["s_per_file"] = (t1_ - t0_) / (n1 - n0)
-    out["s_fixed"] = t0_ - out["s_per_file"] * n0
-    out["heap_bytes_per_file"] = out["heap_bytes_per_file_8000"]
-    return out
+    """Plan seconds and heap at two file counts (`bench.plan.measure`, footer threads on auto) -> the fitted
+    seconds per file, the heap per file and the row groups per file (the template's)."""
+    rows = [measure(link_copies(root, n, template), 0, cfg.data, cfg.features) for n in (2000, 8000)]
+    fixed, per_file = fit([(r["files"], r["seconds"]) for r in rows])
+    return {
+        "s_fixed": fixed,
+        "s_per_file": per_file,
+        "heap_bytes_per_file": rows[-1]["heap_bytes_per_file"],
+        "groups_per_file": rows[-1]["units"] / rows[-1]["files"],
+    }
 
 
 def measure_loader(data_dir: Path, cfg: Any) -> dict[str, float]:
