@@ -15,13 +15,13 @@ Legend: B batch rows, K tasks.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench import write_json
 from metrics.auc import EvalAccumulator
 from metrics.streaming import StreamingEvalAccumulator
 
@@ -93,9 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{k} {r[k]['update_s']:.1f}+{r[k]['compute_s']:.1f}s" for k in ("histogram", "histogram_uauc", "exact")
         )
         print(f"{r['rows']:>10,d} update+compute: {times}")
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
+    write_json(args.json, res)
     return res
 
 

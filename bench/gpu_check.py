@@ -54,6 +54,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python bench/gpu_check.py` from anywhere
     sys.path.insert(0, str(REPO))
 
+from bench import write_json  # noqa: E402
 from bench.gpu_report import print_report, summarize  # noqa: E402
 from metrics.mfu import measure_gemm_flops  # noqa: E402
 from model.config import DenseInputSpec, ModelConfig, MoEConfig  # noqa: E402
@@ -459,8 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [k for k, v in res.items() if isinstance(v, dict) and "error" in v]
     failed += [f"dense_step b={int(r['batch'])}" for r in res["dense_step"] if "error" in r]
     res["failed"] = failed
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    write_json(args.json, res, default=str)
     print_report(res)
     print(f"[gpu_check] wrote {args.json}" + (f"; FAILED: {', '.join(failed)}" if failed else ""), file=sys.stderr)
     return 1 if failed else 0

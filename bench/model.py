@@ -25,7 +25,6 @@ Legend: B batch, T tokens, D width, E experts per token.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench import write_json
 from bench.gpu_check import tune_routers
 from config import load_config
 from metrics.mfu import measure_gemm_flops
@@ -283,9 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.set_num_threads(threads)
         res["total_s"] = time.perf_counter() - t_start
     print(f"  total {res['total_s']:.0f} s")
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
+    write_json(args.json, res)
     return res
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import pickle
 import shutil
@@ -27,6 +26,7 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+from bench import write_json
 from config import load_config
 from pipeline.plan import plan_dataset
 from pipeline.split import batches_per_rank, epoch_order, rank_rows, slice_units
@@ -138,9 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             laws[str(threads)] = {"a_s": a, "b_s_per_file": b}
             print(f"scaling, {threads} threads: seconds = {a:.3f} + {b * 1e6:.1f} us x files")
     res = {"rows": rows, "scaling": laws}
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
+    write_json(args.json, res)
     return res
 
 

@@ -21,7 +21,6 @@ ranks: each line with the measured law it comes from. Figures of one run on this
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import tempfile
@@ -31,6 +30,7 @@ from typing import Any
 
 import torch
 
+from bench import write_json
 from bench.plan import fit, link_copies, measure
 from config import load_config
 from config.job import dense_input_spec
@@ -149,9 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"extrapolated to {rows:.0e} rows x {ranks} ranks, {files:,} files, row groups of {args.rows_per_group:,}:")
     for name, value, basis in table:
         print(f"  {name:<52s} {value:>12s}   ({basis})")
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
+    write_json(args.json, res)
     return res
 
 
