@@ -95,17 +95,15 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     every rank; expert gradients of each expert-parallel rank are summed over its group. Gradients are
     scaled by min(1, max_norm / (norm + 1e-6)) on the device (a factor of exactly 1 leaves them unchanged).
     """
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
         return torch.zeros((), dtype=torch.float64)
+    grads = [p.grad for p in params]
     # sums of squares stay on the gradients' device (the expert parts are all-reduced there, the
     # backend's device)
-    device = grads[0].device
-    shared_sq = torch.zeros((), dtype=torch.float64, device=device)
+    shared_sq = torch.zeros((), dtype=torch.float64, device=grads[0].device)
     expert_sq: dict[str, torch.Tensor] = {}
-    for p in model.parameters():
-        if p.grad is None:
-            continue
+    for p in params:
         sq = p.grad.detach().double().pow(2).sum()
         if is_moe_param(p):
             expert_sq[p.group_name] = expert_sq.get(p.group_name, torch.zeros_like(shared_sq)) + sq
