@@ -64,6 +64,7 @@ class PrefetchLoader:
                 yield batch.to(self.device, non_blocking=True)
             return
         self._it = iter(self.loader)
+        self._now = self._snapshot()  # nothing trained on yet this epoch
         self._pull()
         try:
             while self._next is not None:
@@ -89,7 +90,7 @@ class PrefetchLoader:
 
     def _pull(self) -> None:
         assert self._it is not None
-        self._now = self._snapshot()  # consumed through the current batch
+        # `_now` already describes the batches trained on: the loader has not moved since the last pull
         host = next(self._it, None)
         self._after_next = self._snapshot()
         if host is None:
