@@ -44,6 +44,9 @@ class EmbeddingsConfig:
     to the loss (FuxiCTR's embedding_regularizer, counted per occurrence in the batch). It is a loss term,
     not the fused optimizer's weight_decay: FBGEMM's CPU kernels ignore weight_decay (checked: the same
     updates with and without it)."""
+    vocab_l2: float = 0.0
+    """The same L2 for features with id_mapping = 'vocab' (user / item ids: the rows that overfit first on
+    click logs) unless a feature sets its own `l2`; configs/recsys.toml sets it."""
     hbm_cap_gb: float = 0.0
     """GPU memory per device the sharding planner may fill, in GiB; 0 = the device's total memory
     (`torch.cuda.mem_get_info`), not TorchRec's fixed 32 GiB default. Tables that do not fit are placed
@@ -63,5 +66,6 @@ class EmbeddingsConfig:
         check_range(self.lr, "embeddings.lr", min=0.0, min_open=True)
         check_range(self.eps, "embeddings.eps", min=0.0, min_open=True)
         check_range(self.l2, "embeddings.l2", min=0.0)
+        check_range(self.vocab_l2, "embeddings.vocab_l2", min=0.0)
         check_range(self.hbm_cap_gb, "embeddings.hbm_cap_gb", min=0.0)
         check_range(self.mc_eviction_interval, "embeddings.mc_eviction_interval", min=1)

@@ -12,6 +12,10 @@ order (`ShardedModule.forward` is `input_dist(...).wait().wait()` then `compute_
 the first half moved earlier. It only moves ids, so an update of the tables in between (the fused
 optimizer inside the previous step's backward) is seen by the lookup, as without pipelining.
 
+A 'target_attention' feature's key is expanded into its position keys before the input dist
+(`expand_sequences`, as `SparseArch.forward` does); `StartedLookup.kjt` keeps the original batch, whose
+lengths divide the means and mask the attention after the lookup (`finish_pooling`).
+
 Managed-collision tables are not pipelined (`pipelinable` is False): their input dist remaps ids and
 updates eviction state, which must stay in step order.
 """
@@ -25,7 +29,8 @@ from torch import nn
 from torchrec.distributed.types import ShardedModule
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from embeddings.tables import SparseArch, merge_and_mean
+from embeddings.attention import expand_sequences
+from embeddings.tables import SparseArch, finish_pooling
 
 
 @dataclass
@@ -33,7 +38,8 @@ class StartedLookup:
     """A lookup whose input distribution is in flight."""
 
     kjt: KeyedJaggedTensor
-    """The batch's ids (their lengths divide the mean-pooled features)."""
+    """The batch's ids as given, not expanded (their lengths divide the mean-pooled features and mask the
+    attention-pooled ones)."""
     ctx: Any
     """The sharded module's context for this batch."""
     dist: Any
@@ -55,10 +61,11 @@ def pipelinable(dmp: nn.Module) -> bool:
 
 def start_lookup(dmp: nn.Module, kjt: KeyedJaggedTensor) -> StartedLookup:
     """Start the input distribution of `kjt` (collective: every rank calls it for the same step)."""
-    ebc = _arch(dmp).ebc
+    arch = _arch(dmp)
+    ebc = arch.ebc
     assert isinstance(ebc, ShardedModule), "start_lookup needs pipelinable(dmp)"
     ctx = ebc.create_context()
-    splits = ebc.input_dist(ctx, kjt)
+    splits = ebc.input_dist(ctx, expand_sequences(kjt, arch.specs))
     return StartedLookup(kjt=kjt, ctx=ctx, dist=splits.wait())  # splits exchanged; the ids' all-to-all in flight
 
 
@@ -68,6 +75,6 @@ def finish_lookup(dmp: nn.Module, started: StartedLookup) -> KeyedTensor:
     ebc = arch.ebc
     assert isinstance(ebc, ShardedModule), "finish_lookup needs pipelinable(dmp)"
     kt = ebc.compute_and_output_dist(started.ctx, started.dist.wait())
-    if not arch.mean_features:
+    if not arch.mean_features and not arch.attention:
         return kt
-    return merge_and_mean([kt], started.kjt, arch.mean_features)
+    return finish_pooling([kt], started.kjt, arch.mean_features, arch.attention)

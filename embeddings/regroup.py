@@ -40,6 +40,22 @@ def sparse_dim(features: FeaturesConfig) -> int:
     return sum(f.dim for f in features.sparse)
 
 
+def feature_l2(features: FeaturesConfig, l2: float, vocab_l2: float) -> dict[str, float]:
+    """The embedding-L2 weight of every sparse feature: its own `l2` when set (>= 0), else `vocab_l2` for
+    id_mapping = 'vocab' features and `l2` for the others."""
+    return {f.name: (f.l2 if f.l2 >= 0 else vocab_l2 if f.id_mapping == "vocab" else l2) for f in features.sparse}
+
+
+def l2_columns(features: FeaturesConfig, l2: float, vocab_l2: float) -> list[float] | float:
+    """The L2 weight of each column of `pooled_to_model_input` (I values in `feature_order`), or one number
+    when every feature has the same weight."""
+    weights = feature_l2(features, l2, vocab_l2)
+    if len(set(weights.values())) <= 1:
+        return next(iter(weights.values()), 0.0)
+    by_name = {f.name: f for f in features.sparse}
+    return [weights[n] for n in feature_order(features) for _ in range(by_name[n].dim)]
+
+
 def group_dims(features: FeaturesConfig) -> list[tuple[str, int]]:
     """(group, width) per group in `features.groups` order: the column blocks of the B x I input."""
     return [(g, sum(f.dim for f in features.sparse if f.group == g)) for g in features.groups]

@@ -13,6 +13,9 @@ Notable:
   `init_local_shards_`).
 - Tables named in `embeddings.managed_collision` go through TorchRec's managed-collision module
   (MCH, zero-collision hashing with eviction) in a separate `ManagedCollisionEmbeddingBagCollection`.
+- A list feature with `pooling = "target_attention"` is looked up as O SUM-pooled position keys
+  `<name>#j` of its table (`embeddings.attention.expand_sequences`, before the lookup) and pooled
+  against its `target` feature afterwards (`finish_pooling`), so TorchRec sees only plain features.
 
 Legend: B batch, I pooled-embedding width, S sparse features (KJT keys), R table rows, C one table's width.
 """
@@ -35,11 +38,13 @@ from torchrec.modules.mc_modules import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from embeddings.attention import TargetAttention, expand_sequences, pool_attention
 from embeddings.config import EmbeddingsConfig
 from pipeline.config import POOLINGS, FeaturesConfig
 
-POOLING_TYPES = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
-"""TorchRec's pooling for each name of `pipeline.config.POOLINGS` (the config validates against those)."""
+POOLING_TYPES = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN, "target_attention": PoolingType.SUM}
+"""TorchRec's pooling for each name of `pipeline.config.POOLINGS` (the config validates against those);
+'target_attention' features are looked up as SUM-pooled position keys and pooled after the lookup."""
 assert tuple(POOLING_TYPES) == POOLINGS, "embeddings/tables.py: POOLING_TYPES must cover pipeline.config.POOLINGS"
 INIT_BLOCK_ROWS = 8192
 """Rows per deterministic init block: each block has its own generator seeded by (seed, table, block)."""
@@ -58,6 +63,8 @@ class TableSpec:
         mean_features: features pooled with SUM by TorchRec that must be divided by their lengths
             (only for tables shared by SUM and MEAN features).
         managed_collision: ids go through a managed-collision module first.
+        attention: the features of `feature_names` pooled with 'target_attention' (TorchRec sees their
+            position keys instead, see `lookup_features`).
     """
 
     name: str
@@ -67,6 +74,14 @@ class TableSpec:
     pooling: str = "sum"
     mean_features: list[str] = field(default_factory=list)
     managed_collision: bool = False
+    attention: list[TargetAttention] = field(default_factory=list)
+
+    @property
+    def lookup_features(self) -> list[str]:
+        """TorchRec's feature names of this table: `feature_names` with each attention feature replaced by
+        its position keys `<name>#0 .. <name>#{O-1}` (what `expand_sequences` makes of the batch)."""
+        expanded = {a.feature: a.position_keys() for a in self.attention}
+        return [k for n in self.feature_names for k in expanded.get(n, [n])]
 
     def config(self) -> EmbeddingBagConfig:
         """The TorchRec config of this table."""
@@ -74,7 +89,7 @@ class TableSpec:
             name=self.name,
             embedding_dim=self.dim,
             num_embeddings=self.num_embeddings,
-            feature_names=list(self.feature_names),
+            feature_names=self.lookup_features,
             pooling=POOLING_TYPES[self.pooling],
         )
 
@@ -83,8 +98,10 @@ def table_specs(features: FeaturesConfig, emb: EmbeddingsConfig) -> list[TableSp
     """Group `features.sparse` into tables (first-appearance order); errors name the offending key.
 
     Raises:
-        ValueError: features sharing a table disagree on vocab_size/dim, a pooling is unknown, or
-            `embeddings.managed_collision` names an unknown table / a feature without id_mapping 'raw'.
+        ValueError: features sharing a table disagree on vocab_size/dim, a pooling is unknown,
+            `embeddings.managed_collision` names an unknown table / a feature without id_mapping 'raw'
+            or a table with a 'target_attention' feature, or an attention target is not a scalar feature
+            of the same dim.
     """
     specs: dict[str, TableSpec] = {}
     poolings: dict[str, dict[str, str]] = {}
@@ -104,12 +121,25 @@ def table_specs(features: FeaturesConfig, emb: EmbeddingsConfig) -> list[TableSp
                 f"'{first}' but this feature says vocab_size={f.vocab_size}, dim={f.dim}"
             )
         spec.feature_names.append(f.name)
-        poolings[t][f.name] = f.pooling_mode
+        # an attention feature's position keys are SUM lookups; its pooling happens after the lookup
+        poolings[t][f.name] = "sum" if f.pooling_mode == "target_attention" else f.pooling_mode
+        if f.pooling_mode == "target_attention":
+            spec.attention.append(TargetAttention(f.name, f.target, f.max_len))
     mc = set(emb.managed_collision)
     for name in emb.managed_collision:
         if name not in specs:
             raise ValueError(f"embeddings.managed_collision: unknown table '{name}'; tables: {', '.join(specs)}")
     by_name = {f.name: f for f in features.sparse}
+    for a in (a for spec in specs.values() for a in spec.attention):
+        clash = [k for k in a.position_keys() if k in by_name]
+        if clash:
+            raise ValueError(f"feature '{clash[0]}': the name is a position key of attention feature '{a.feature}'")
+        q, f = by_name.get(a.target), by_name[a.feature]
+        if q is None or q.max_len != 1 or q.dim != f.dim or a.target == a.feature:
+            raise ValueError(
+                f"feature '{a.feature}': target = '{a.target}' "
+                f"must name another scalar feature (max_len 1) of dim {f.dim}"
+            )
     for t, spec in specs.items():
         modes = set(poolings[t].values())
         if len(modes) == 1:
@@ -119,6 +149,11 @@ def table_specs(features: FeaturesConfig, emb: EmbeddingsConfig) -> list[TableSp
             spec.mean_features = [n for n, m in poolings[t].items() if m == "mean"]
         if t in mc:
             spec.managed_collision = True
+            if spec.attention:
+                raise ValueError(
+                    f"feature '{spec.attention[0].feature}': pooling = \"target_attention\" is not supported on "
+                    f"managed-collision table '{t}' (embeddings.managed_collision)"
+                )
             for n in spec.feature_names:
                 if by_name[n].id_mapping != "raw":
                     raise ValueError(
@@ -176,7 +211,8 @@ class SparseArch(nn.Module):
         u0       | [17]     | [3]      |
         s_item   | [4, 9]   | []       |
 
-    Output: KeyedTensor, one B x dim slice per feature. Its key order is NOT fixed (it depends on the
+    Output: KeyedTensor, one B x dim slice per feature (exactly the configured names: the position keys
+    of 'target_attention' features never leave it). Its key order is NOT fixed (it depends on the
     sharding plan): read it by name, e.g. with `embeddings.regroup.pooled_to_model_input`.
     """
 
@@ -186,9 +222,10 @@ class SparseArch(nn.Module):
         self.init_seed = seed
         plain = [s for s in specs if not s.managed_collision]
         managed = [s for s in specs if s.managed_collision]
-        self.ebc_features = [n for s in plain for n in s.feature_names]
-        self.mc_features = [n for s in managed for n in s.feature_names]
+        self.ebc_features = [n for s in plain for n in s.lookup_features]
+        self.mc_features = [n for s in managed for n in s.lookup_features]
         self.mean_features = [n for s in specs for n in s.mean_features]
+        self.attention = [a for s in specs for a in s.attention]
         self.ebc: EmbeddingBagCollection | None = None
         self.mc_ebc: ManagedCollisionEmbeddingBagCollection | None = None
         if plain:
@@ -237,36 +274,57 @@ class SparseArch(nn.Module):
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor:
         """kjt (keys = feature names) -> KeyedTensor of B x dim per feature (plan-dependent key order)."""
+        ids = expand_sequences(kjt, self.specs)  # `kjt` itself unless a feature is 'target_attention'
         outs: list[KeyedTensor] = []
         if self.mc_ebc is None:
-            outs.append(self.ebc(kjt))  # type: ignore[misc]
+            outs.append(self.ebc(ids))  # type: ignore[misc]
         else:
-            keys = kjt.keys()
+            keys = ids.keys()
             order = [keys.index(n) for n in self.ebc_features + self.mc_features]
-            parts = kjt.permute(order).split([len(self.ebc_features), len(self.mc_features)])
+            parts = ids.permute(order).split([len(self.ebc_features), len(self.mc_features)])
             if self.ebc is not None:
                 outs.append(self.ebc(parts[0]))
             outs.append(self.mc_ebc(parts[1])[0])  # type: ignore[arg-type]
-        if len(outs) == 1 and not self.mean_features:
+        if len(outs) == 1 and not self.mean_features and not self.attention:
             return outs[0]
-        return merge_and_mean(outs, kjt, self.mean_features)
+        return finish_pooling(outs, kjt, self.mean_features, self.attention)
 
 
-def merge_and_mean(outs: list[KeyedTensor], kjt: KeyedJaggedTensor, mean_features: list[str]) -> KeyedTensor:
-    """One KeyedTensor from several, with `mean_features` divided by their per-sample lengths."""
+def finish_pooling(
+    outs: list[KeyedTensor],
+    kjt: KeyedJaggedTensor,
+    mean_features: list[str],
+    attention: list[TargetAttention] | None = None,
+) -> KeyedTensor:
+    """The lookup's post-processing: one KeyedTensor from several, `mean_features` divided by their
+    per-sample lengths, then each attention feature's position slices pooled against its target.
+
+    Args:
+        outs: the lookups' KeyedTensors (any key order: everything is read by name).
+        kjt: the ORIGINAL batch (before `expand_sequences`): its lengths divide the means and mask the
+            attention.
+        mean_features: features pooled with SUM by TorchRec that are MEAN features.
+        attention: the 'target_attention' features (`embeddings.attention.pool_attention`).
+
+    Returns:
+        KeyedTensor of B x dim per configured feature (no `<name>#j` keys).
+    """
     keys: list[str] = []
     tensors: list[torch.Tensor] = []
     for kt in outs:
-        for k, t_BD in kt.to_dict().items():
+        for k, t_BC in kt.to_dict().items():
             keys.append(k)
-            tensors.append(t_BD)
+            tensors.append(t_BC)
     if mean_features:
         kjt_keys = kjt.keys()
-        lengths_KB = kjt.lengths().view(len(kjt_keys), -1)
+        lengths_SB = kjt.lengths().view(len(kjt_keys), -1)
         for i, k in enumerate(keys):
             if k in mean_features:
-                n_B = lengths_KB[kjt_keys.index(k)].clamp(min=1).to(tensors[i].dtype)
+                n_B = lengths_SB[kjt_keys.index(k)].clamp(min=1).to(tensors[i].dtype)
                 tensors[i] = tensors[i] / n_B.unsqueeze(1)
+    if attention:
+        pooled = pool_attention(dict(zip(keys, tensors)), kjt, attention)
+        keys, tensors = list(pooled), list(pooled.values())
     return KeyedTensor.from_tensor_list(keys, tensors)
 
 

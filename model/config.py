@@ -86,6 +86,10 @@ class ModelConfig:
     """Heads of the self-attention baseline; 0 = num_tokens."""
     dropout: float = 0.0
     """Dropout on hidden layers: the towers' and MLPs' hidden layers, RankMixer's per-token FFN hidden layer."""
+    token_dropout: float = 0.0
+    """Token models (rankmixer*, self_attention): in training, each token of each row is zeroed with this
+    probability after tokenization (the others scaled by 1 / (1 - p)), so no single feature group's token
+    (a memorised id) can carry a prediction alone. Not used by dlrm_mlp / dcnv2 (a config error there)."""
     batch_norm: bool = False
     """BatchNorm1d on the towers' and MLPs' hidden layers (running statistics averaged over ranks before
     evaluation and checkpoints)."""
@@ -100,6 +104,11 @@ class ModelConfig:
         check_range(self.cross_layers, "model.cross_layers", min=0)
         check_range(self.attn_heads, "model.attn_heads", min=0)
         check_range(self.dropout, "model.dropout", min=0.0, max=1.0, max_open=True)
+        check_range(self.token_dropout, "model.token_dropout", min=0.0, max=1.0, max_open=True)
+        if self.token_dropout > 0 and self.name in ("dlrm_mlp", "dcnv2"):
+            raise ConfigError(
+                f"model.token_dropout = {self.token_dropout} needs a token model; {self.name!r} has no tokens"
+            )
         if self.d_model % self.num_tokens:
             raise ConfigError(
                 f"model.d_model ({self.d_model}) must be divisible by model.num_tokens ({self.num_tokens}): "

@@ -142,6 +142,10 @@ class RankMixer(nn.Module):
             stats (with MoE: "moe/active_LT" L x T, "moe/l1_lambda" L, "moe/dead_experts" scalar).
         """
         x_TBD = self.tokenizer.forward_TBD(sparse_BI, dense_BF)
+        p = self.cfg.token_dropout
+        if self.training and p > 0:  # whole tokens dropped per row (model.token_dropout)
+            keep_TB1 = torch.rand(x_TBD.shape[:2] + (1,), device=x_TBD.device) >= p
+            x_TBD = x_TBD * keep_TB1.to(x_TBD.dtype) / (1.0 - p)
         reg = x_TBD.new_zeros(())
         active, dead = [], []
         for block in self.blocks:

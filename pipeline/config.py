@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 from schema import ConfigError, check_one_of, check_range
 
-ID_MAPPINGS = ("hash", "modulo", "raw")
+ID_MAPPINGS = ("hash", "modulo", "raw", "vocab")
 """`features.sparse[i].id_mapping`: how raw ids reach [0, vocab_size) (see SparseFeature.id_mapping)."""
 ID_DTYPES = ("int64", "string")
 """`features.sparse[i].dtype`: the column's type."""
-POOLINGS = ("sum", "mean")
+POOLINGS = ("sum", "mean", "target_attention")
 """`features.sparse[i].pooling`: how a bag of ids becomes one vector ('' picks by max_len)."""
 BAD_FILE_POLICIES = ("error", "skip")
 """`data.on_bad_file`."""
@@ -34,8 +34,10 @@ class SparseFeature:
     """Parquet column name; also the KeyedJaggedTensor key."""
     group: str = "item"
     """Semantic group (one of `features.groups`); tokenization concatenates groups in that order."""
-    vocab_size: int = 100_000
-    """Rows of this feature's embedding table; ids are mapped into [0, vocab_size)."""
+    vocab_size: int | str = 100_000
+    """Rows of this feature's embedding table; ids are mapped into [0, vocab_size). With id_mapping =
+    'vocab': "auto" sizes the table from the vocabulary (oov_buckets + the ids kept), a number caps it
+    (the most frequent vocab_size - oov_buckets ids are kept)."""
     dim: int = 16
     """Embedding width."""
     max_len: int = 1
@@ -44,12 +46,37 @@ class SparseFeature:
     """Embedding table name; features naming the same table share it (same vocab_size and dim).
     Empty: a table of its own, named after the feature."""
     pooling: str = ""
-    """'sum' or 'mean'; empty picks 'sum' for scalar features and 'mean' for lists."""
+    """'sum', 'mean' or 'target_attention'; empty picks 'sum' for scalar features and 'mean' for lists.
+    'target_attention' (lists only, with `target`): DIN-style attention of the history against the
+    candidate, softmax over the real positions of <e(h_j), e(target)> / sqrt(dim), then the weighted sum
+    of the e(h_j) (no parameters; an empty history gives zeros; `embeddings.attention`)."""
+    target: str = ""
+    """pooling = 'target_attention': the scalar feature (max_len 1, the same dim, usually the same table)
+    whose embedding is the query, e.g. the candidate item id; empty otherwise."""
     id_mapping: str = "hash"
     """'hash': every id goes through a stable 64-bit mix, modulo vocab_size. 'modulo': ids already in
     range are kept, others are hashed into range (and counted). 'raw': ids passed unchanged, only for
     managed-collision tables (embeddings.managed_collision), which remap any id themselves; on a plain
-    table FBGEMM would send out-of-range ids to row 0, so the config refuses it."""
+    table FBGEMM would send out-of-range ids to row 0, so the config refuses it. 'vocab': a vocabulary
+    counted on the training rows (`pipeline.vocab`): ids seen at least min_count times get their own
+    row, rarer and unseen ids (a new user or item) share the oov_buckets OOV rows, which the rare ids
+    train, so a cold-start id gets a learned "new id" embedding instead of a random hashed row. The
+    vocabulary is saved in the run directory, every checkpoint and the export artifact."""
+    min_count: int = 2
+    """id_mapping = 'vocab': ids with fewer occurrences in the training rows map to an OOV row."""
+    oov_buckets: int = 1
+    """id_mapping = 'vocab': OOV rows at the start of the table (an OOV id goes to row mix64(id) mod
+    oov_buckets; 1 = one shared cold-start row)."""
+    oov_dropout: float = 0.0
+    """id_mapping = 'vocab': in training (never in evaluation or serving) each id is sent to its OOV row
+    with this probability, deterministically per (seed, epoch, rank, batch), so the OOV row learns the
+    "new id" embedding from all kinds of rows, not only from the rare ids, and the model learns to
+    predict from attributes and history when the id is unknown: what a time-ordered test period asks for
+    its new users and items."""
+    l2: float = -1.0
+    """L2 on this feature's looked-up embeddings (l2 / 2 x the squared norm of its pooled embedding, mean
+    over the batch's rows); negative: the default, embeddings.vocab_l2 for id_mapping = 'vocab' features
+    (id features, which overfit first) and embeddings.l2 for the others."""
     dtype: str = "int64"
     """'int64' or 'string' (strings are hashed to int64 first)."""
 
@@ -67,12 +94,55 @@ class SparseFeature:
             raise ConfigError(f"config key '{key}.name' is empty")
         if self.group not in groups:
             raise ConfigError(f"config key '{key}.group' = {self.group!r} is not in features.groups {groups}")
-        for name in ("vocab_size", "dim", "max_len"):
+        for name in ("dim", "max_len", "min_count", "oov_buckets"):
             check_range(getattr(self, name), f"{key}.{name}", min=1)
+        if self.vocab_size == "auto":
+            if self.id_mapping != "vocab":
+                raise ConfigError(
+                    f'config key \'{key}.vocab_size\' = "auto" needs id_mapping = "vocab" (a vocabulary from the '
+                    f"data), got id_mapping = {self.id_mapping!r}"
+                )
+        elif isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int):
+            raise ConfigError(
+                f"config key '{key}.vocab_size': expected an integer or \"auto\", got {self.vocab_size!r}"
+            )
+        else:
+            check_range(self.vocab_size, f"{key}.vocab_size", min=1)
+            if self.id_mapping == "vocab" and self.vocab_size <= self.oov_buckets:
+                raise ConfigError(
+                    f"config key '{key}.vocab_size' = {self.vocab_size} leaves no row beyond the {self.oov_buckets} "
+                    "OOV rows (oov_buckets)"
+                )
+        check_range(self.oov_dropout, f"{key}.oov_dropout", min=0.0, max=1.0, max_open=True)
+        if self.oov_dropout > 0 and self.id_mapping != "vocab":
+            raise ConfigError(
+                f"config key '{key}.oov_dropout' = {self.oov_dropout} needs id_mapping = \"vocab\" "
+                "(OOV rows to drop to)"
+            )
+        if self.l2 >= 0:
+            check_range(self.l2, f"{key}.l2", min=0.0)
         check_one_of(self.id_mapping, ID_MAPPINGS, f"{key}.id_mapping")
         check_one_of(self.dtype, ID_DTYPES, f"{key}.dtype")
         if self.pooling:
             check_one_of(self.pooling, POOLINGS, f"{key}.pooling")
+        if self.pooling == "target_attention":
+            if self.max_len <= 1:
+                raise ConfigError(
+                    f"config key '{key}.max_len' = {self.max_len}: pooling = 'target_attention' needs a list "
+                    "(max_len > 1)"
+                )
+            if not self.target:
+                raise ConfigError(
+                    f"config key '{key}.target' is empty: pooling = 'target_attention' needs the candidate "
+                    "feature's name"
+                )
+            if self.target == self.name:
+                raise ConfigError(f"config key '{key}.target' = {self.target!r}: a feature cannot attend to itself")
+        elif self.target:
+            raise ConfigError(
+                f"config key '{key}.target' = {self.target!r} is set but {key}.pooling is {self.pooling_mode!r}; "
+                'target is only for pooling = "target_attention"'
+            )
 
 
 @dataclass
@@ -107,6 +177,14 @@ class FeaturesConfig:
     """Semantic group order used by tokenization."""
     sparse: list[SparseFeature] = field(default_factory=list)
     """Categorical and sequence features, as [[features.sparse]] tables."""
+    vocab_exact_ids: int = 1 << 22
+    """Distinct ids per vocabulary table counted exactly (16 bytes each); beyond that a count-min sketch
+    plus this many heavy hitters (`pipeline.vocab`)."""
+    vocab_sketch_width: int = 1 << 20
+    """Counters per row of the count-min sketch (4 rows of int64) used beyond vocab_exact_ids."""
+    item_id: str = ""
+    """Column with the candidate item id (int64 or string), used for the item-popularity baseline of every
+    evaluation report (`metrics.baselines`); empty: no item baseline."""
 
     def dense_transform_of(self, name: str) -> str:
         """The configured (unresolved: 'auto' stays 'auto') transform of dense feature `name`."""
@@ -122,6 +200,8 @@ class FeaturesConfig:
                 )
             check_one_of(kind, DENSE_TRANSFORMS, f"features.dense_transforms.{name}")
         check_range(self.dense_buckets, "features.dense_buckets", min=2)
+        check_range(self.vocab_exact_ids, "features.vocab_exact_ids", min=1)
+        check_range(self.vocab_sketch_width, "features.vocab_sketch_width", min=16)
         check_range(self.dense_bucket_dim, "features.dense_bucket_dim", min=1)
         check_range(
             self.dense_clip_quantile, "features.dense_clip_quantile", min=0.0, max=0.5, min_open=True, max_open=True
@@ -144,6 +224,24 @@ class FeaturesConfig:
                     f"config key '{key}': table {sf.table_name!r} is shared with feature {other.name!r} but has a "
                     f"different vocab_size/dim ({sf.vocab_size}/{sf.dim} vs {other.vocab_size}/{other.dim})"
                 )
+            mine = (sf.id_mapping == "vocab", sf.min_count, sf.oov_buckets)
+            theirs = (other.id_mapping == "vocab", other.min_count, other.oov_buckets)
+            if mine != theirs and (sf.id_mapping == "vocab" or other.id_mapping == "vocab"):
+                raise ConfigError(
+                    f"config key '{key}': table {sf.table_name!r} is shared with feature {other.name!r}, so both need "
+                    f"id_mapping = 'vocab' with the same min_count and oov_buckets (one vocabulary per table)"
+                )
+
+        by_name = {sf.name: sf for sf in self.sparse}
+        for i, sf in enumerate(self.sparse):
+            if sf.pooling == "target_attention":
+                q = by_name.get(sf.target)
+                if q is None or q.max_len != 1 or q.dim != sf.dim:
+                    what = "is not a feature" if q is None else f"has max_len {q.max_len}, dim {q.dim}"
+                    raise ConfigError(
+                        f"config key 'features.sparse[{i}].target' = {sf.target!r} {what}; expected a scalar feature "
+                        f"(max_len 1) of dim {sf.dim} in features.sparse"
+                    )
 
     def table_names(self) -> list[str]:
         """Embedding table names in first-appearance order."""

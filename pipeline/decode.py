@@ -7,16 +7,18 @@ windows (`pipeline.convert.to_window`) then point into pieces by address. Column
 decoded them whenever they can (zero-copy: no nulls, int64 ids, float32 dense values); everything
 else is repaired into new arrays here and counted per row (so every batch knows exactly what it
 carried): null dense/id/user values -> 0 or an empty bag (`nulls_repaired`), ids hashed into range by
-'modulo' mapping (`ids_out_of_range`), strings hashed to int64, lists truncated to their last max_len
-ids. Missing dense values (null, NaN, inf) stay NaN and are counted on their way into a block
-(`native.fill_rows`, `dense_missing`); the model's dense input fills them (`model.dense_input`).
-Ids of 'hash' features stay raw: the compiled pass hashes them as it lays them out. Labels are
-validated by the reader (file and row group known), never repaired.
+'modulo' mapping (`ids_out_of_range`), ids of 'vocab' features mapped through their table's vocabulary
+(`pipeline.vocab`), strings hashed to int64, lists truncated to their last max_len ids. Missing dense
+values (null, NaN, inf) stay NaN and are counted on their way into a block (`native.fill_rows`,
+`dense_missing`); the model's dense input fills them (`model.dense_input`). Ids of 'hash' features stay
+raw: the compiled pass hashes them as it lays them out. Labels are validated by the reader (file and row
+group known), never repaired.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +26,9 @@ import pyarrow.compute as pc
 
 from pipeline.config import DataConfig, FeaturesConfig, SparseFeature
 from pipeline.ids import hash_strings, map_ids_into
+
+if TYPE_CHECKING:
+    from pipeline.vocab import IdVocab
 
 HEALTH = ("dense_missing", "nulls_repaired", "ids_out_of_range")
 """Per-row repair counters, in this column order."""
@@ -91,12 +96,24 @@ def _flat_ids(arr: pa.Array, sf: SparseFeature) -> tuple[np.ndarray, np.ndarray 
 
 
 def _map_into(
-    ids: np.ndarray, sf: SparseFeature, out: np.ndarray, health: _Health, a: int, lens: np.ndarray | None = None
+    ids: np.ndarray,
+    sf: SparseFeature,
+    out: np.ndarray,
+    health: _Health,
+    a: int,
+    lens: np.ndarray | None = None,
+    vocab: IdVocab | None = None,
 ) -> None:
     """Map the raw ids of rows [a, ...) into `out` (`lens`: ids per row, None for one id per row); ids
-    hashed into range are counted on their rows. 'hash' ids are copied: the compiled pass hashes them."""
+    hashed into range are counted on their rows. 'hash' ids are copied: the compiled pass hashes them.
+    'vocab' ids go through the table's vocabulary (rare and unseen ids to its OOV rows)."""
     if sf.id_mapping == "hash":
         out[...] = ids
+        return
+    if sf.id_mapping == "vocab":
+        if vocab is None:
+            raise ValueError(f"feature '{sf.name}': id_mapping = 'vocab' but no vocabulary was given to the reader")
+        out[...] = vocab.map(ids)
         return
     oor = map_ids_into(ids, sf.vocab_size, sf.id_mapping, out)
     if oor is not None:
@@ -133,13 +150,26 @@ def _one(col: pa.ChunkedArray) -> pa.Array:
     return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
 
 
-def _sparse(arr: pa.Array, sf: SparseFeature, health: _Health) -> tuple[np.ndarray, np.ndarray | None]:
+def raw_ids(col: pa.ChunkedArray | pa.Array, sf: SparseFeature) -> np.ndarray:
+    """The raw int64 ids feature `sf` carries in a column, as the reader sees them before mapping:
+    strings hashed, null ids and null lists dropped, lists truncated to their last max_len ids."""
+    arr = _one(col) if isinstance(col, pa.ChunkedArray) else col
+    health = _Health(len(arr))
+    if sf.max_len == 1:
+        ids, valid = _flat_ids(arr, sf)
+        return ids if valid is None else ids[valid]
+    return _list_chunk(arr, sf, 0, health)[1]
+
+
+def _sparse(
+    arr: pa.Array, sf: SparseFeature, health: _Health, vocab: IdVocab | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """(ids int64, offsets int64 or None) of one feature: views of Arrow's buffers when there is nothing
     to repair or map (no nulls, int64 ids, 'hash' or 'raw'), else null lists and null ids dropped (and
     counted), lists truncated to their last max_len ids and 'modulo' ids mapped (and counted) into new
     arrays. Scalar features get offsets only when they have nulls (bags of 0 or 1 id)."""
     n = len(arr)
-    if sf.dtype != "string" and sf.id_mapping != "modulo" and not arr.null_count:
+    if sf.dtype != "string" and sf.id_mapping in ("hash", "raw") and not arr.null_count:
         if sf.max_len == 1:
             return np.ascontiguousarray(_np(arr), dtype=np.int64), None
         values = arr.values
@@ -154,7 +184,7 @@ def _sparse(arr: pa.Array, sf: SparseFeature, health: _Health) -> tuple[np.ndarr
     else:
         lens, raw = _list_chunk(arr, sf, 0, health)
     ids = np.empty(len(raw), dtype=np.int64)
-    _map_into(raw, sf, ids, health, 0, lens)
+    _map_into(raw, sf, ids, health, 0, lens, vocab)
     if lens is None:
         return ids, None
     offsets = np.zeros(n + 1, dtype=np.int64)
@@ -185,8 +215,11 @@ def _addr(arrays: list[np.ndarray | None]) -> np.ndarray:
     return np.array([0 if a is None else a.ctypes.data for a in arrays], dtype=np.uint64)
 
 
-def decode_piece(table: pa.Table, data: DataConfig, features: FeaturesConfig) -> Piece:
-    """Convert one label-validated row group (or row range of one) into a Piece."""
+def decode_piece(
+    table: pa.Table, data: DataConfig, features: FeaturesConfig, vocabs: dict[str, IdVocab] | None = None
+) -> Piece:
+    """Convert one label-validated row group (or row range of one) into a Piece (`vocabs`: the id
+    vocabularies by table, needed when a feature has id_mapping = 'vocab')."""
     n = table.num_rows
     cols = {name: _one(col) for name, col in zip(table.column_names, table.columns)}
     health = _Health(n)
@@ -196,7 +229,7 @@ def decode_piece(table: pa.Table, data: DataConfig, features: FeaturesConfig) ->
     row = _column(cols[data.row_id_column], np.int64, health) if data.row_id_column else None
     ids, offsets = [], []
     for sf in features.sparse:
-        f_ids, f_offsets = _sparse(cols[sf.name], sf, health)
+        f_ids, f_offsets = _sparse(cols[sf.name], sf, health, (vocabs or {}).get(sf.table_name))
         ids.append(f_ids)
         offsets.append(f_offsets)
     return Piece(

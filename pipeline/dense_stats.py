@@ -238,7 +238,7 @@ def _hist_edges(lo: float, hi: float) -> tuple[float, float]:
     return t_lo, (t_hi if t_hi > t_lo else t_lo + 1.0)
 
 
-def _read_columns(plan: DatasetPlan, names: list[str], units: list[int]) -> Iterator[pa.Table]:
+def read_columns(plan: DatasetPlan, names: list[str], units: list[int]) -> Iterator[pa.Table]:
     """The columns `names` of each unit's rows, one row group at a time (file order)."""
     by_file: dict[int, list[int]] = {}
     for i in units:
@@ -293,7 +293,7 @@ def dense_stats(
     gather = gather or (lambda obj: [obj])
     mine = list(range(rank, len(plan.units), world_size))
     parts = {n: _Partial() for n in names}
-    for table in _read_columns(plan, names, mine):
+    for table in read_columns(plan, names, mine):
         for name in names:
             x, missing = _finite(table.column(name))
             parts[name].add(x, missing)
@@ -305,7 +305,7 @@ def dense_stats(
     hists: dict[str, np.ndarray] = {}
     if need_hist:  # second pass: histograms on the asinh scale between the (global) min and max
         local = {n: np.zeros(HIST_BINS, dtype=np.int64) for n in need_hist}
-        for table in _read_columns(plan, need_hist, mine):
+        for table in read_columns(plan, need_hist, mine):
             for name in need_hist:
                 x, _ = _finite(table.column(name))
                 t_lo, t_hi = _hist_edges(merged[name].lo, merged[name].hi)

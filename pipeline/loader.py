@@ -38,10 +38,11 @@ from pipeline.batch import Batch
 from pipeline.config import DataConfig, FeaturesConfig
 from pipeline.convert import STATS, BatchArrays, Block, Header, block_batches
 from pipeline.errors import DataError
-from pipeline.ids import warm_memo
+from pipeline.ids import mix64, warm_memo
 from pipeline.plan import DatasetPlan
 from pipeline.reader import iter_reader, private_block, window_rows
 from pipeline.split import batches_per_rank, reader_positions, reader_span, worker_batches
+from pipeline.vocab import IdVocab, oov_dropout
 
 __all__ = ["ParquetLoader", "dataset_audit"]
 
@@ -159,6 +160,9 @@ class ParquetLoader:
         drop_last: drop the uneven tail of the epoch (True) or pad it with zero-weight rows (False).
         num_workers: reader processes (0: read in this process).
         pin_memory: page-locked batches for asynchronous copies (only done when CUDA is available).
+        vocabs: the id vocabularies (`pipeline.vocab`) by table; required when a feature has
+            id_mapping = 'vocab' (training, evaluation and prediction pass the run's own).
+        train: a training loader: applies `features.sparse[i].oov_dropout` (never set for evaluation).
     Raises:
         DataError when the dataset is too small to give every rank a batch.
     """
@@ -177,9 +181,19 @@ class ParquetLoader:
         drop_last: bool,
         num_workers: int,
         pin_memory: bool = False,
+        vocabs: dict[str, IdVocab] | None = None,
+        train: bool = False,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        missing = sorted({sf.table_name for sf in features.sparse if sf.id_mapping == "vocab"} - set(vocabs or {}))
+        if missing:
+            raise ValueError(f"features with id_mapping = 'vocab' need the vocabularies of tables {missing}")
+        self.vocabs = vocabs
+        self._drops = [
+            (s, sf.oov_dropout, sf.oov_buckets) for s, sf in enumerate(features.sparse) if train and sf.oov_dropout > 0
+        ]  # fmt: skip
+        """(key, probability, oov rows) of the 'vocab' features whose ids a training loader drops to OOV."""
         self.plan, self.data, self.features = plan, data, features
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.seed, self.shuffle, self.drop_last, self.num_workers = seed, shuffle, drop_last, num_workers
@@ -246,6 +260,7 @@ class ParquetLoader:
             reader_id=reader_id,
             start_batch=start,
             alloc=alloc,
+            vocabs=self.vocabs,
         )
 
     def _source(self) -> Iterator[BatchArrays]:
@@ -284,6 +299,11 @@ class ParquetLoader:
         self._audit[0] += counts[STATS.index("rows")]
         self._audit[1] = (self._audit[1] + counts[-1]) % MOD  # the batch's checksum (int64 bits of a uint64)
         t = torch.from_numpy
+        if self._drops:  # the same drops for the same (seed, epoch, rank, batch): resumes stay exact
+            salt = 0
+            for part in (self.seed, self._epoch, self.rank, self._done):  # chained: order matters
+                salt = int(mix64(np.array([salt ^ part], np.uint64))[0])
+            values = oov_dropout(values, lengths.reshape(len(self.keys), -1), self._drops, salt)
         kjt = KeyedJaggedTensor(keys=self.keys, values=t(values), lengths=t(lengths))
         batch = Batch(
             sparse=kjt, dense=t(dense), labels=t(labels), weights=t(weights), user_ids=t(user_ids), row_ids=t(row_ids)

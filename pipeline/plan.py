@@ -151,9 +151,9 @@ def resolve_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
 
 
 def required_columns(data: DataConfig, features: FeaturesConfig) -> list[str]:
-    """Every column the pipeline reads, each once: labels, dense, sparse, user id, row id."""
+    """Every column the pipeline reads, each once: labels, dense, sparse, user id, item id, row id."""
     cols = [*features.labels, *features.dense, *(sf.name for sf in features.sparse)]
-    cols += [c for c in (features.user_id, data.row_id_column) if c]
+    cols += [c for c in (features.user_id, features.item_id, data.row_id_column) if c]
     seen: set[str] = set()
     return [c for c in cols if not (c in seen or seen.add(c))]
 
@@ -188,6 +188,8 @@ def _expected(data: DataConfig, features: FeaturesConfig) -> dict[str, tuple[str
             out[sf.name] = (desc, scalar)
     if features.user_id:
         out[features.user_id] = ("an integer user id", _is_int)
+    if features.item_id and features.item_id not in out:
+        out[features.item_id] = ("an item id (int or string)", lambda t: _is_int(t) or _is_str(t))
     if data.row_id_column:
         out[data.row_id_column] = ("an integer row id (data.row_id_column; set it to '' to disable the audit)", _is_int)
     return out

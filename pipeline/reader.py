@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +33,9 @@ from pipeline.decode import Piece, decode_piece
 from pipeline.errors import DataError
 from pipeline.plan import DatasetPlan, WorkUnit
 from pipeline.split import ReaderSpan
+
+if TYPE_CHECKING:
+    from pipeline.vocab import IdVocab
 
 
 def window_rows(shuffle_window: int, batch_size: int) -> int:
@@ -61,8 +65,16 @@ def check_labels(table: pa.Table, labels: list[str], path: str, row_group: int) 
 class PieceReader:
     """Reads row-group slices of a plan with a small cache of open files and a read-ahead thread."""
 
-    def __init__(self, plan: DatasetPlan, data: DataConfig, features: FeaturesConfig, max_open: int = 4):
+    def __init__(
+        self,
+        plan: DatasetPlan,
+        data: DataConfig,
+        features: FeaturesConfig,
+        max_open: int = 4,
+        vocabs: dict[str, IdVocab] | None = None,
+    ):
         self.plan, self.data, self.features, self.max_open = plan, data, features, max_open
+        self.vocabs = vocabs
         self._files: OrderedDict[int, pq.ParquetFile] = OrderedDict()
         self._pool: ThreadPoolExecutor | None = None
 
@@ -105,7 +117,7 @@ class PieceReader:
         rid = self.data.row_id_column
         if rid and table.column(rid).null_count:
             raise DataError(f"{path}: column '{rid}' row group {piece.row_group}: null row ids; row ids must be set")
-        return decode_piece(table, self.data, self.features)
+        return decode_piece(table, self.data, self.features, self.vocabs)
 
     def _failing_column(self, piece: WorkUnit) -> str | None:
         """After a row group failed to decode: the first column that fails alone (for the error line)."""
@@ -184,14 +196,16 @@ def iter_reader(
     reader_id: int,
     start_batch: int = 0,
     alloc: Callable[[int], torch.Tensor] = private_block,
+    vocabs: dict[str, IdVocab] | None = None,
 ) -> Iterator[Block]:
     """Yield batches start_batch .. span.num_batches - 1 of this reader, one block (`convert.fill_block`,
-    buffers from `alloc`) per shuffle window; the first block starts at start_batch."""
+    buffers from `alloc`) per shuffle window; the first block starts at start_batch (`vocabs`: the id
+    vocabularies of 'vocab' features, by table)."""
     bsz = batch_size
     win = window_rows(data.shuffle_window, bsz)
     per_win = win // bsz
     real = span.real_rows
-    reader = PieceReader(plan, data, features)
+    reader = PieceReader(plan, data, features, vocabs=vocabs)
     stream = RowStream(reader, span.pieces, data.prefetch_row_groups)
     try:
         b = start_batch

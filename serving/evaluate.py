@@ -57,6 +57,7 @@ def evaluate(run: Path, checkpoint: Path | None, overrides: list[str]) -> tuple[
             shuffle=False,
             drop_last=False,
             num_workers=cfg.data.num_workers,
+            vocabs=model.vocabs,
         )
         m = cfg.metrics
         acc = eval_accumulator(model.tasks, device, bool(cfg.features.user_id), m.eval_auc, m.eval_auc_bins)

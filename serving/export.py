@@ -11,6 +11,7 @@ Artifact layout (default DIR = <run>/artifact, or <run>/artifact_int8 with --qua
     dense.safetensors           the zoo model's weights, experts merged from every ep shard
     dense_program.json          torch.export program of the dense path (sparse_BI, dense_BF) -> probs_BK
     dense_program.safetensors   its weights and constants
+    vocab.npz                   the id vocabularies of 'vocab' features (only when there are any)
 
 The artifact's model routes with the inference router and skips zero-gate experts. The torch.export
 program cannot do that skip (the per-(token, expert) dispatch depends on the data: torch.export stops
@@ -37,6 +38,7 @@ from torch import Tensor
 from checkpoint.format import final_checkpoint, read_meta, require_complete
 from embeddings.regroup import feature_order, sparse_dim
 from pipeline.errors import DataError
+from pipeline.vocab import VOCAB_FILE, save_vocabs
 from serving.model import (
     DENSE,
     MANIFEST,
@@ -165,10 +167,12 @@ def export(
     meta = read_meta(ckpt)
     out = out or default_out(run, quantize)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (TABLES_FP32, TABLES_INT8, PROGRAM, PROGRAM_WEIGHTS, MANIFEST):
+    for stale in (TABLES_FP32, TABLES_INT8, PROGRAM, PROGRAM_WEIGHTS, MANIFEST, VOCAB_FILE):
         (out / stale).unlink(missing_ok=True)
     fp32 = from_checkpoint(cfg, ckpt)
     (out / "config.toml").write_text(cfg.to_toml())
+    if fp32.vocabs:  # the id vocabularies travel with the artifact: predict maps ids as training did
+        save_vocabs(out / VOCAB_FILE, fp32.vocabs)
     specs = fp32.sparse.specs
     tables = {s.name: fp32.sparse.ebc.embedding_bags[s.name].weight.detach() for s in specs}  # type: ignore[union-attr, index]
     fp32_bytes = sum(t.numel() * 4 for t in tables.values())
@@ -178,7 +182,7 @@ def export(
         flat = {f"{n}.{part}": t for n, qs in quantized.items() for part, t in zip(("q", "scale_shift"), qs)}
         save_file(flat, str(out / TABLES_INT8))
         table_bytes = sum(t.numel() * t.element_size() for t in flat.values())
-        models["int8"] = InferenceModel(cfg, build_sparse(cfg, quantized=quantized), fp32.dense)
+        models["int8"] = InferenceModel(cfg, build_sparse(cfg, quantized=quantized), fp32.dense, vocabs=fp32.vocabs)
     else:
         save_file({n: t.contiguous() for n, t in tables.items()}, str(out / TABLES_FP32))
         table_bytes = fp32_bytes
@@ -199,6 +203,12 @@ def export(
         "kjt_keys": [f.name for f in cfg.features.sparse],
         "feature_order": feature_order(cfg.features),
         "dense_features": list(cfg.features.dense),
+        "vocab": {
+            "file": VOCAB_FILE if fp32.vocabs else None,
+            "tables": {t: v.summary() for t, v in fp32.vocabs.items()},
+            "mapping": "kept id -> oov_buckets + its rank among the sorted kept ids; other ids -> mix64(id) mod "
+            "oov_buckets (pipeline.vocab.IdVocab.map)",
+        },
         "sparse_dim": sparse_dim(cfg.features),
         "tables": {
             s.name: {"rows": s.num_embeddings, "dim": s.dim, "pooling": s.pooling, "features": s.feature_names}

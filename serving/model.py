@@ -40,6 +40,8 @@ from embeddings.tables import SparseArch, TableSpec, build_sparse_arch, table_sp
 from model.moe import moe_layers
 from model.zoo import build_model
 from pipeline.batch import Batch
+from pipeline.errors import DataError
+from pipeline.vocab import VOCAB_FILE, IdVocab, check_sizes, load_vocabs, vocab_tables
 
 CONFIG_FILE = "config.toml"
 SERVING_PINS = {"parallelism.ep_size": 1, "training.resume": "never"}
@@ -217,18 +219,29 @@ class InferenceModel(nn.Module):
         sparse: the unsharded sparse arch (`build_sparse`).
         dense: the zoo model (`build_dense`), weights loaded.
         dtype: "fp32", or "bf16" (the dense model under bf16 autocast, as training's bf16 path; meant for GPU).
+        vocabs: the id vocabularies of the run (`load_run_vocabs`), {} without 'vocab' features.
 
     Example:
         model = load_artifact(Path("artifacts/tiny"))[0]
         probs_BK = model(batch.sparse, batch.dense)
     """
 
-    def __init__(self, cfg: JobConfig, sparse: SparseArch, dense: nn.Module, dtype: str = "fp32") -> None:
+    def __init__(
+        self,
+        cfg: JobConfig,
+        sparse: SparseArch,
+        dense: nn.Module,
+        dtype: str = "fp32",
+        vocabs: dict[str, IdVocab] | None = None,
+    ) -> None:
         super().__init__()
         if dtype not in ("fp32", "bf16"):
             raise ValueError(f"InferenceModel: dtype must be 'fp32' or 'bf16', got {dtype!r}")
         self.cfg, self.sparse, self.dense, self.dtype = cfg, sparse, dense, dtype
         self.tasks = list(cfg.features.labels)
+        self.vocabs = vocabs or {}
+        """The run's id vocabularies by table ('vocab' features): readers of this model's input map raw
+        ids through them (`ParquetLoader(..., vocabs=model.vocabs)`), exactly as training did."""
 
     def embed(self, kjt: KeyedJaggedTensor) -> Tensor:
         """kjt (keys = features.sparse names) -> sparse_BI pooled embeddings in model order."""
@@ -258,7 +271,20 @@ def from_checkpoint(cfg: JobConfig, ckpt: Path, *, quantize: str = "none", dtype
         sparse = build_sparse(cfg, quantized={n: quantize_table(t) for n, t in tables.items()})
     else:
         sparse = build_sparse(cfg, tables=tables)
-    return InferenceModel(cfg, sparse, dense, dtype)
+    return InferenceModel(cfg, sparse, dense, dtype, load_run_vocabs(cfg, ckpt))
+
+
+def load_run_vocabs(cfg: JobConfig, where: Path) -> dict[str, IdVocab]:
+    """The id vocabularies a checkpoint or artifact directory carries ({} without 'vocab' features), checked
+    against the config's table sizes (ServingError naming the file when missing, corrupt or too large)."""
+    if not vocab_tables(cfg.features):
+        return {}
+    try:
+        vocabs = load_vocabs(where / VOCAB_FILE, cfg.features)
+        check_sizes(cfg.features, vocabs, str(where / VOCAB_FILE))
+    except DataError as e:
+        raise ServingError(str(e)) from None
+    return vocabs
 
 
 def iter_scores(
@@ -344,7 +370,7 @@ def load_artifact(
     if not (artifact / DENSE).is_file():
         raise ServingError(f"{artifact / DENSE}: missing")
     dense.load_state_dict(load_file(str(artifact / DENSE)))
-    model = InferenceModel(cfg, sparse, dense, dtype)
+    model = InferenceModel(cfg, sparse, dense, dtype, load_run_vocabs(cfg, artifact))
     return (model.to(device) if device is not None else model), manifest
 
 

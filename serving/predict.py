@@ -77,6 +77,7 @@ def predict_dataset(
         shuffle=False,
         drop_last=False,
         num_workers=num_workers,
+        vocabs=model.vocabs,
     )
     probs, label_rows, users, rows = [], [], [], []
     for p_BK, batch in iter_scores(model, iter(loader), device or torch.device("cpu")):

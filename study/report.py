@@ -153,7 +153,8 @@ def aggregate(
 
     Returns:
         arm -> {"seeds", "lr", "params", "flops_per_sample", "samples_per_s", "mfu", "moe_activation",
-        "tasks": {task: {"auc"|"uauc"|"logloss"|"oracle_share": {"mean", "spread", "n", "values"}}}}.
+        "tasks": {task: {"auc"|"uauc"|"logloss"|"oracle_share": {"mean", "spread", "n", "values"}}},
+        "below_prior": seeds whose summary says the model is below an item prior}.
     """
     out: dict[str, dict[str, Any]] = {}
     for arm, records in runs.items():
@@ -181,8 +182,20 @@ def aggregate(
             "mfu": mean_spread([r["stats"]["mfu"] for r in records]),
             "moe_activation": statistics.fmean(active) if active else None,
             "tasks": per_task,
+            "below_prior": sum(1 for r in records if r["summary"].get("below_prior")),
         }
     return out
+
+
+def baselines_of(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """The trivial baselines of the eval split (`metrics.baselines`: global prior, item popularity, item CTR),
+    fit on the training rows: the same data for every run, so the first run's summary carries them."""
+    for records in runs.values():
+        for r in records:
+            base = r["summary"].get("baselines", {}).get("eval")
+            if base:
+                return base
+    return {}
 
 
 def point_label(point: dict[str, Any]) -> str:
@@ -403,10 +416,21 @@ def markdown(results: dict[str, Any]) -> str:
         ]
         for arm, m in models.items():
             r = m["tasks"][task]
+            below = (
+                f" (below an item prior in {m['below_prior']} of {len(m['seeds'])} seeds)"
+                if m.get("below_prior")
+                else ""
+            )
             lines.append(
-                f"| {arm} | {len(m['seeds'])} | {_pm(r['auc'])} | {_pm(r['uauc'])} | {_pm(r['logloss'])} "
+                f"| {arm}{below} | {len(m['seeds'])} | {_pm(r['auc'])} | {_pm(r['uauc'])} | {_pm(r['logloss'])} "
                 f"| {_pm(r.get('oracle_share'), 3)} |"
             )
+        for name, per_task in results.get("baselines", {}).items():  # fit on train, scored on eval: no seeds
+            b = per_task.get(task, {})
+            share = oracle_share(b["auc"], (oracle or {}).get(task)) if "auc" in b else None
+            logloss = f"{b['logloss']:.4f}" if "logloss" in b else "-"
+            share_s = f"{share:.3f}" if share is not None else "-"
+            lines.append(f"| *{name}* (baseline) | - | {b.get('auc', float('nan')):.4f} | - | {logloss} | {share_s} |")
         lines.append("")
     lines += [
         "## Cost",

@@ -457,6 +457,7 @@ def run_study(args: argparse.Namespace, overrides: list[str], argv: list[str]) -
         "oracle": oracle,
         "tuning": tuning,
         "models": models,
+        "baselines": report.baselines_of(by_arm),
         "checks": report.quality_checks(models, tasks),
         "scaling": scaling,
     }

@@ -16,7 +16,7 @@ import json
 import random
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ class CheckpointParts:
         optimizer: the dense optimizer.
         layout: this rank's place (world, expert-parallel and expert-data-parallel ranks).
         model_name: `model.name`, checked on load.
+        files: run-level files every checkpoint carries a copy of (e.g. vocab.npz).
     """
 
     dmp: nn.Module
@@ -67,6 +68,9 @@ class CheckpointParts:
     optimizer: torch.optim.Optimizer
     layout: ParallelLayout
     model_name: str
+    files: dict[str, Path] = field(default_factory=dict)
+    """Run-level files copied into every checkpoint under these names (the id vocabularies), listed and
+    verified like the rest."""
 
 
 def resolve_resume(resume: str, root: Path) -> Path | None:
@@ -199,6 +203,8 @@ class CheckpointManager:
         save_sparse(p.dmp, str(tmp / SPARSE_DIR))
         if lay.is_main:
             save_file(_dense_tensors(p.model), str(tmp / DENSE_FILE))
+            for rel, src in p.files.items():
+                shutil.copyfile(src, tmp / rel)
         experts, positions = _expert_tensors(p.model)
         if experts and lay.expert_dp_rank == 0:
             save_file(experts, str(tmp / experts_file(lay.ep_rank)), metadata={"positions": json.dumps(positions)})

@@ -5,7 +5,7 @@
 
     batch.sparse --DMP (tables)--> pooled KeyedTensor --regroup by name--> sparse_BI
     sparse_BI, batch.dense --DeepSpeed engine (dense model)--> logits_BK, reg_loss
-    loss = sum_k BCE_k(logits_BK, labels_BK; weights_B) + reg_loss (MoE) + embeddings.l2 / 2 x mean ||sparse_BI||^2
+    loss = sum_k BCE_k(logits_BK, labels_BK; weights_B) + reg_loss (MoE) + sum_f l2_f / 2 x mean ||sparse_BI[f]||^2
     engine.backward(loss): dense grads reduced, expert grads over the expert-data-parallel group, the
         embedding grads reach the tables, whose fused optimizer steps inside backward
     clip by the global norm -> engine.step() -> MoE L1 controller on the activation averaged over ranks
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from config import JobConfig
 from embeddings.pipelining import StartedLookup, finish_lookup
-from embeddings.regroup import pooled_to_model_input
+from embeddings.regroup import l2_columns, pooled_to_model_input
 from embeddings.sharding import set_sparse_lr
 from model.moe import steer_l1, train_activation
 from model.output import ModelOutput, task_loss
@@ -47,6 +47,10 @@ class TrainStep:
         self.cfg, self.par, self.total_steps = cfg, par, total_steps
         self.tasks = list(cfg.features.labels)
         self.has_moe = bool(train_activation(par.model))
+        emb = cfg.embeddings
+        l2 = l2_columns(cfg.features, emb.l2, emb.vocab_l2)
+        self.l2: float | Tensor = torch.tensor(l2) if isinstance(l2, list) else l2
+        """Embedding L2: one weight for every column, or an I-vector of per-feature weights."""
 
     def embed(self, batch: Batch, lookup: StartedLookup | None = None) -> Tensor:
         """sparse_BI: the batch's pooled embeddings (sharded lookup + input all-to-all), regrouped by name;
@@ -68,11 +72,16 @@ class TrainStep:
 
     def loss(self, out: ModelOutput, batch: Batch, sparse_BI: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(total loss to backpropagate, task loss, per-task losses K): BCE summed over tasks + regularizers
-        (the model's MoE terms, and the embedding L2 of `embeddings.l2` on the batch's pooled embeddings)."""
+        (the model's MoE terms, and the embedding L2 on the batch's pooled embeddings: per feature its `l2`,
+        else `embeddings.vocab_l2` for 'vocab' features and `embeddings.l2` for the others)."""
         task, per_task_K = task_loss(out.logits_BK.float(), batch.labels, batch.weights)
         total = task + out.reg_loss
-        l2 = self.cfg.embeddings.l2
-        if l2 > 0:
+        l2 = self.l2
+        if isinstance(l2, Tensor):  # per-feature weights, one per column of sparse_BI
+            w_B = batch.weights.to(sparse_BI.dtype)
+            sq_B = (sparse_BI.pow(2) * l2.to(sparse_BI.device, sparse_BI.dtype)).sum(1)
+            total = total + 0.5 * (sq_B * w_B).sum() / w_B.sum().clamp_min(1.0)
+        elif l2 > 0:
             w_B = batch.weights.to(sparse_BI.dtype)
             total = total + 0.5 * l2 * (sparse_BI.pow(2).sum(1) * w_B).sum() / w_B.sum().clamp_min(1.0)
         return total, task, per_task_K

@@ -28,15 +28,16 @@ from config.job import dense_input_spec
 from embeddings.regroup import sparse_dim, sparse_group_widths
 from embeddings.tables import build_sparse_arch
 from metrics.auc import WindowedAUC, eval_metrics_flat
+from metrics.baselines import baseline_report, below_prior, format_baselines
 from metrics.mfu import mfu, peak_flops, rss_mb
 from metrics.plots import write_plots
 from metrics.tracking import MetricsLogger
 from model.dense_input import dense_inputs
 from model.zoo import build_model
-from parallel.distributed import DistInfo, all_gather_object, all_reduce_sum, average_buffers, broadcast_object
+from parallel.distributed import DistInfo, all_gather_object, all_reduce_sum, average_buffers
 from parallel.env import REPO
 from parallel.layout import parallelize
-from pipeline import dense_prep
+from pipeline import dense_prep, vocab
 from pipeline.audit import MOD
 from pipeline.loader import ParquetLoader, dataset_audit
 from pipeline.plan import DatasetPlan, carve_tail, plan_dataset
@@ -48,6 +49,7 @@ from train.checkpoint import (
     CheckpointParts,
     check_config_drift,
 )
+from train.data_stages import check_vocabs, dense_choices, vocabularies
 from train.pipeline import PrefetchLoader
 from train.rundir import Preempted, Preemption, drop_rows_after
 from train.step import TrainStep
@@ -78,6 +80,9 @@ class Trainer:
             train_plan, self.valid_plan = carve_tail(train_plan, d.valid_fraction)
         self.train_plan = train_plan
         self.eval_plan = plan_dataset(d.eval, d, f) if d.eval else None
+        # Id vocabularies of 'vocab' features: counted over the training rows (cached in the run directory,
+        # copied into every checkpoint), table sizes ("auto") resolved before anything is built from them.
+        self.vocabs = vocabularies(cfg, info, self.train_plan, self.run_dir)
         self.loader = self._loader(self.train_plan, train=True)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
@@ -88,7 +93,7 @@ class Trainer:
 
         # Dense features: statistics over the training rows (cached), each transform resolved ('auto'
         # included) and written into the config, so config.toml alone rebuilds the same model.
-        self.dense_choices = self._dense_choices()
+        self.dense_choices = dense_choices(cfg, info, self.train_plan, self.run_dir)
         f.dense_transforms = {c.name: c.transform for c in self.dense_choices}
         if info.is_main:
             (self.run_dir / "config.toml").write_text(cfg.to_toml())
@@ -117,7 +122,14 @@ class Trainer:
         self.loader = PrefetchLoader(self.loader, self.device, self.dmp, enabled=t.pipeline)
         self.ckpt = CheckpointManager(
             self.ckpt_root,
-            CheckpointParts(self.dmp, self.model, self.engine.optimizer, self.layout, cfg.model.name),
+            CheckpointParts(
+                self.dmp,
+                self.model,
+                self.engine.optimizer,
+                self.layout,
+                cfg.model.name,
+                files={vocab.VOCAB_FILE: self.run_dir / vocab.VOCAB_FILE} if self.vocabs else {},
+            ),  # fmt: skip
             keep_last=t.keep_last,
             config=cfg.to_dict(),
         )
@@ -156,24 +168,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ building blocks
 
-    def _dense_choices(self) -> list[dense_prep.DenseChoice]:
-        """Dense-feature statistics over the training rows (collective; cached in the run directory) and the
-        transform of each feature; written to the run directory and printed. A resumed run gets the same
-        statistics from the cache (and the same numbers again from its checkpoint)."""
-        f, info = self.cfg.features, self.info
-        if not f.dense:
-            return []
-        stats, reused = dense_prep.load_or_compute_stats(
-            self.train_plan, f, self.run_dir / dense_prep.STATS_FILE, rank=info.rank,
-            world_size=info.world_size, gather=all_gather_object, broadcast=broadcast_object,
-        )  # fmt: skip
-        choices = dense_prep.resolve(f, stats)
-        if info.is_main:
-            dense_prep.write_choices(self.run_dir / dense_prep.CHOICES_FILE, choices, stats)
-            where = "reused from" if reused else "computed over the training rows, cached in"
-            print(f"{dense_prep.report(choices, stats)}\n(statistics {where} {dense_prep.STATS_FILE})", flush=True)
-        return choices
-
     def _loader(self, plan: Any, train: bool) -> ParquetLoader:
         d = self.cfg.data
         return ParquetLoader(
@@ -188,6 +182,8 @@ class Trainer:
             drop_last=d.drop_last if train else False,
             num_workers=d.num_workers,
             pin_memory=self.device.type == "cuda",
+            vocabs=self.vocabs,
+            train=train,
         )
 
     # ------------------------------------------------------------------ evaluation
@@ -251,6 +247,7 @@ class Trainer:
             try:
                 meta = self.ckpt.verify(path)
                 self.config_changes = check_config_drift(path, meta, self.cfg.to_dict())
+                check_vocabs(path, self.vocabs, self.cfg.features)
                 meta, state = self.ckpt.load(path)
                 break
             except CheckpointMismatchError:
@@ -380,6 +377,18 @@ class Trainer:
                       f"{self.tracker.best:.5f})", flush=True)  # fmt: skip
         final_eval = self.evaluate(self.eval_plan) if self.eval_plan is not None else last_eval
         summary = self._summary(final_eval, time.perf_counter() - wall0)
+        # trivial baselines fit on the training rows: a model that loses to them says so
+        m = self.cfg.metrics
+        summary["baselines"] = baseline_report(
+            self.train_plan, {"valid": self.valid_plan, "eval": self.eval_plan}, self.cfg.features, self.device,
+            rank=info.rank, world_size=info.world_size, gather=all_gather_object, mode=m.eval_auc, bins=m.eval_auc_bins,
+        )  # fmt: skip
+        scored = "eval" if self.eval_plan is not None else "valid"
+        summary["below_prior"] = below_prior(final_eval, summary["baselines"].get(scored, {})) if final_eval else []
+        if info.is_main and final_eval and scored in summary["baselines"]:
+            print(format_baselines(final_eval, summary["baselines"][scored]), flush=True)
+            for line in summary["below_prior"]:
+                print(line, flush=True)
         if final_eval:
             self.logger.log(eval_metrics_flat(final_eval), self.step)
         self.logger.log_summary(summary)
@@ -452,6 +461,7 @@ class Trainer:
                 "eval_rows": self.eval_plan.num_rows if self.eval_plan is not None else 0,
             },
             "dense_preprocess": {c.name: c.transform for c in self.dense_choices},
+            "vocab": {t: v.summary() for t, v in self.vocabs.items()},
         }
         if self.valid_plan is not None:
             tr = self.tracker

@@ -159,3 +159,27 @@ def test_logits_stay_fp32_under_bf16_autocast(name: str) -> None:
     assert logits_BK.dtype == torch.float32
     torch.testing.assert_close(logits_BK[:, :1], head(captured[0].float()), rtol=0, atol=0)
     assert (logits_BK - logits_BK.bfloat16().float()).abs().max() > 0  # not rounded to bf16
+
+
+def test_token_dropout_drops_whole_tokens_in_training_only() -> None:
+    from schema import ConfigError  # noqa: PLC0415
+
+    cfg = _cfg(token_dropout=0.5, num_layers=1)
+    model = build_model(cfg, MoEConfig(), sparse_dim=E, dense=DenseInputSpec(N), num_tasks=K, seed=0)
+    plain = build_model(_cfg(num_layers=1), MoEConfig(), sparse_dim=E, dense=DenseInputSpec(N), num_tasks=K, seed=0)
+    sparse, dense, _ = _batch()
+    model.eval(), plain.eval()
+    assert torch.equal(model(sparse, dense).logits_BK, plain(sparse, dense).logits_BK)  # eval: identity
+    seen: list[torch.Tensor] = []
+    model.blocks[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    model.train()
+    torch.manual_seed(0)
+    model(sparse, dense)
+    x_TBD = seen[0]
+    tokens = model.tokenizer.forward_TBD(sparse, dense).detach()
+    zero_TB = (x_TBD == 0).all(-1)
+    assert 0.3 < zero_TB.float().mean() < 0.7  # about half of the (token, row) pairs dropped, whole tokens
+    kept = ~zero_TB
+    torch.testing.assert_close(x_TBD[kept], 2.0 * tokens[kept])  # the others scaled by 1 / (1 - p)
+    with pytest.raises(ConfigError, match="token_dropout"):
+        ModelConfig(name="dcnv2", token_dropout=0.1).validate()
