@@ -18,7 +18,7 @@ group known), never repaired.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -27,8 +27,12 @@ import pyarrow.compute as pc
 from pipeline.config import DataConfig, FeaturesConfig, SparseFeature
 from pipeline.ids import hash_strings, map_ids_into
 
-if TYPE_CHECKING:
-    from pipeline.vocab import IdVocab
+
+class IdVocab(Protocol):
+    """What decoding needs of a vocabulary (`pipeline.vocab.IdVocab`): raw int64 ids -> table rows."""
+
+    def map(self, raw_N: np.ndarray) -> np.ndarray: ...
+
 
 HEALTH = ("dense_missing", "nulls_repaired", "ids_out_of_range")
 """Per-row repair counters, in this column order."""

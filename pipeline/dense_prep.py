@@ -23,7 +23,6 @@ a restart reuses them; the chosen transforms are written next to them and printe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -111,11 +110,7 @@ def model_buffers(choices: list[DenseChoice]) -> dict[str, list]:
 def stats_key(plan: DatasetPlan, features: FeaturesConfig) -> str:
     """A key of everything the statistics depend on: files (path, size, modification time), row groups and
     row ranges, the dense columns and the settings."""
-    infos = plan.filesystem.get_file_info(plan.files)
-    files = [(p, i.size, i.mtime_ns) for p, i in zip(plan.files, infos)]
-    units = [(u.file_index, u.row_group, u.start, u.stop) for u in plan.units]
-    blob = json.dumps([STATS_VERSION, files, units, list(features.dense), asdict(settings_of(features))])
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return plan.content_key(STATS_VERSION, list(features.dense), asdict(settings_of(features)))
 
 
 def load_or_compute_stats(

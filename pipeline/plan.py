@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import functools
+import hashlib
+import json
 import math
 import os
 from collections import deque
@@ -75,6 +77,14 @@ class DatasetPlan:
     def fingerprint(self) -> tuple[int, int, int]:
         """(files, units, rows): stored in loader state to catch a resume on different data."""
         return (len(self.files), len(self.units), self.num_rows)
+
+    def content_key(self, *settings: object) -> str:
+        """A 16-hex key of the files (path, size, modification time), the row ranges and `settings` (JSON-able):
+        what a cache of statistics over this plan's rows (dense statistics, id vocabularies) is valid for."""
+        infos = self.filesystem.get_file_info(self.files)
+        files = [(p, i.size, i.mtime_ns) for p, i in zip(self.files, infos)]
+        units = [(u.file_index, u.row_group, u.start, u.stop) for u in self.units]
+        return hashlib.sha256(json.dumps([files, units, *settings]).encode()).hexdigest()[:16]
 
 
 def carve_tail(plan: DatasetPlan, fraction: float) -> tuple[DatasetPlan, DatasetPlan]:

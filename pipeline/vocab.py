@@ -28,9 +28,7 @@ Legend: N ids (of a row group, or to map), V kept ids of a table.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -378,16 +376,12 @@ def check_sizes(features: FeaturesConfig, vocabs: dict[str, IdVocab], where: str
 def vocab_key(plan: DatasetPlan, features: FeaturesConfig) -> str:
     """A key of everything the vocabularies depend on: files (path, size, modification time), row ranges,
     the vocabulary features' columns and settings."""
-    infos = plan.filesystem.get_file_info(plan.files)
-    files = [(p, i.size, i.mtime_ns) for p, i in zip(plan.files, infos)]
-    units = [(u.file_index, u.row_group, u.start, u.stop) for u in plan.units]
     feats = [
         (sf.name, sf.table_name, sf.dtype, sf.max_len, str(sf.vocab_size), sf.min_count, sf.oov_buckets)
         for fs in vocab_tables(features).values()
         for sf in fs
     ]
-    blob = json.dumps([VOCAB_FORMAT, files, units, feats, features.vocab_exact_ids, features.vocab_sketch_width])
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return plan.content_key(VOCAB_FORMAT, feats, features.vocab_exact_ids, features.vocab_sketch_width)
 
 
 def load_or_count_vocabs(

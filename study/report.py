@@ -187,17 +187,6 @@ def aggregate(
     return out
 
 
-def baselines_of(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, float]]]:
-    """The trivial baselines of the eval split (`metrics.baselines`: global prior, item popularity, item CTR),
-    fit on the training rows: the same data for every run, so the first run's summary carries them."""
-    for records in runs.values():
-        for r in records:
-            base = r["summary"].get("baselines", {}).get("eval")
-            if base:
-                return base
-    return {}
-
-
 def point_label(point: dict[str, Any]) -> str:
     """'lr0.001' or 'lr0.001__dropout0.1' (the run-id part of a tuning point; field names without section)."""
     parts = [f"lr{point['training.lr']:g}"]

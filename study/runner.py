@@ -457,10 +457,21 @@ def run_study(args: argparse.Namespace, overrides: list[str], argv: list[str]) -
         "oracle": oracle,
         "tuning": tuning,
         "models": models,
-        "baselines": report.baselines_of(by_arm),
+        "baselines": baselines_of(by_arm),
         "checks": report.quality_checks(models, tasks),
         "scaling": scaling,
     }
     report.write_outputs(out, results)
     print(f"[study] wrote {out}/results.json and results.md ({results['study']['wall_s'] / 60:.1f} min)", flush=True)
     return results
+
+
+def baselines_of(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """The trivial baselines of the eval split (`metrics.baselines`: global prior, item popularity, item CTR),
+    fit on the training rows: the same data for every run, so the first run's summary carries them."""
+    for records in runs.values():
+        for r in records:
+            base = r["summary"].get("baselines", {}).get("eval")
+            if base:
+                return base
+    return {}

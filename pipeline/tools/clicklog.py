@@ -348,8 +348,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--report", action="store_true", help="print click rate, AUCs and cold-start shares afterwards")
     a = p.parse_args(argv)
     t0 = time.time()
+    return write_and_report(generate_log(a.rows, a.seed, a.history), a, t0)
+
+
+def write_and_report(table: pa.Table, a: argparse.Namespace, t0: float) -> dict:
+    """The tools' common tail: write the split log to a.out (`write_log`), say so, and --report."""
     out = Path(a.out)
-    res = write_log(generate_log(a.rows, a.seed, a.history), out, a.test_fraction, a.files, a.row_group_size)
+    res = write_log(table, out, a.test_fraction, a.files, a.row_group_size)
     res["seconds"] = time.time() - t0
     print(f"wrote {res['train_rows']} train + {res['test_rows']} test rows to {out} in {res['seconds']:.1f} s")
     if a.report:

@@ -28,13 +28,14 @@ item_year = the year of the release date (0 if unknown); item_genres = the set f
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.tools.clicklog import SCHEMA, format_report, histories, list_array, rank_within_user, report, write_log
+from pipeline.tools.clicklog import SCHEMA, histories, list_array, rank_within_user, write_and_report
 
 GENRES = [
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
@@ -194,13 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--row-group-size", type=int, default=8192, help="rows per Parquet row group")
     p.add_argument("--report", action="store_true", help="print click rate, popularity prior AUC, cold-start shares")
     a = p.parse_args(argv)
-    out = Path(a.out)
-    res = write_log(convert(Path(a.src), a.threshold, a.history), out, a.test_fraction, a.files, a.row_group_size)
-    print(f"wrote {res['train_rows']} train + {res['test_rows']} test rows to {out}")
-    if a.report:
-        res["report"] = report(out)
-        print(format_report(res["report"]))
-    return res
+    t0 = time.time()
+    return write_and_report(convert(Path(a.src), a.threshold, a.history), a, t0)
 
 
 if __name__ == "__main__":

@@ -160,8 +160,16 @@ def test_markdown_and_scaling_plot(tmp_path: Path) -> None:
         "models": models,
         "checks": report.quality_checks(models, TASKS),
         "scaling": points,
+        "baselines": {
+            "popularity": {"click": {"auc": 0.61}, "finish": {"auc": 0.6}},
+            "item_ctr": {"click": {"auc": 0.65, "logloss": 0.55}, "finish": {"auc": 0.64, "logloss": 0.4}},
+        },
     }  # fmt: skip
+    models["dlrm_mlp"]["below_prior"] = 1
     md = report.markdown(results)
+    assert "| *popularity* (baseline) | - | 0.6100 | - | - | 0.314 |" in md  # (0.61 - 0.5) / (0.85 - 0.5)
+    assert "| *item_ctr* (baseline) | - | 0.6500 | - | 0.5500 |" in md
+    assert "| dlrm_mlp (below an item prior in 1 of" in md
     assert "| rankmixer | 2 | 0.7810 ± 0.0014 |" in md
     assert "| rankmixer >= dcnv2 | click | MISS | -0.0050 |" in md
     assert "| rankmixer | 0.7000 | 0.7500 | lr0.003 | - |" in md
