@@ -63,6 +63,8 @@ def predict_dataset(
     features.labels = labels
     if features.user_id not in have:
         features.user_id = ""
+    if features.item_id not in have:  # only the report's baselines read it
+        features.item_id = ""
     if data.row_id_column not in have:
         data.row_id_column = ""
     plan = plan_dataset(uri, data, features)

@@ -36,9 +36,11 @@ def log(tmp_path_factory) -> Path:
 
 
 def _raw(split: Path, column: str) -> np.ndarray:
-    return pa.concat_tables(pq.read_table(f, columns=[column]) for f in sorted(split.glob("*.parquet"))).column(
-        column
-    ).to_numpy()
+    return (
+        pa.concat_tables(pq.read_table(f, columns=[column]) for f in sorted(split.glob("*.parquet")))
+        .column(column)
+        .to_numpy()
+    )
 
 
 def test_recipe_vocab_travels_into_evaluate_export_and_predict(dist_pool, log: Path, tmp_path: Path) -> None:
