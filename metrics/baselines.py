@@ -33,7 +33,7 @@ import torch
 from metrics.streaming import eval_accumulator
 from pipeline.config import FeaturesConfig
 from pipeline.dense_stats import read_columns
-from pipeline.ids import hash_strings
+from pipeline.ids import hash_strings, sum_by_id
 from pipeline.plan import DatasetPlan
 
 PRIOR_ROWS = 10.0
@@ -105,28 +105,24 @@ class Priors:
 
 
 def _merge(
-    items: np.ndarray, n_G: np.ndarray, pos_GK: np.ndarray, ids_N: np.ndarray, y_NK: np.ndarray, limit: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Counts (items, rows, positives) with rows ids_N / y_NK added, cut to the `limit` most frequent items."""
-    u, inv = np.unique(np.concatenate([items, ids_N]), return_inverse=True)
-    n, pos = np.zeros(len(u), np.int64), np.zeros((len(u), y_NK.shape[1]))
-    np.add.at(n, inv[: len(items)], n_G)
-    np.add.at(pos, inv[: len(items)], pos_GK)
-    np.add.at(n, inv[len(items) :], 1)
-    np.add.at(pos, inv[len(items) :], y_NK)
-    if len(u) > limit:  # bounded: keep the most frequent items (ties: smaller id)
-        keep = np.sort(np.lexsort((u, -n))[:limit])
-        u, n, pos = u[keep], n[keep], pos[keep]
-    return u, n, pos
+    items: np.ndarray, sums_GV: np.ndarray, ids_N: np.ndarray, vals_NV: np.ndarray, limit: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-item sums (column 0: rows, then positives per task) with more rows added, cut to the `limit`
+    most frequent items (ties: smaller id)."""
+    u, sums = sum_by_id(np.concatenate([items, ids_N]), np.concatenate([sums_GV, vals_NV]))
+    if len(u) > limit:  # bounded
+        keep = np.sort(np.lexsort((u, -sums[:, 0]))[:limit])
+        u, sums = u[keep], sums[keep]
+    return u, sums
 
 
 def _local_counts(
     plan: DatasetPlan, features: FeaturesConfig, units: list[int]
-) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(rows, positives_K, items, item rows, item positives) of this rank's units."""
+) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, positives_K, items G, per-item sums G x (1 + K): rows, positives) of this rank's units."""
     k, limit = len(features.labels), features.vocab_exact_ids
     rows, pos_K = 0, np.zeros(k)
-    items, n_G, pos_GK = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, k))
+    items, sums = np.zeros(0, np.int64), np.zeros((0, 1 + k))
     pending: list[tuple[np.ndarray, np.ndarray]] = []
     cols = [*features.labels, *([features.item_id] if features.item_id else [])]
     for table in read_columns(plan, list(dict.fromkeys(cols)), units):
@@ -134,15 +130,13 @@ def _local_counts(
         rows += len(y_NK)
         pos_K += y_NK.sum(0)
         if features.item_id:
-            pending.append((_item_ids(table.column(features.item_id)), y_NK))
+            pending.append((_item_ids(table.column(features.item_id)), np.hstack([np.ones((len(y_NK), 1)), y_NK])))
             if sum(len(p[0]) for p in pending) >= max(len(items), 1 << 16):  # amortised merges
-                ids, ys = np.concatenate([p[0] for p in pending]), np.concatenate([p[1] for p in pending])
-                items, n_G, pos_GK = _merge(items, n_G, pos_GK, ids, ys, limit)
+                items, sums = _merge(items, sums, *(np.concatenate(c) for c in zip(*pending)), limit)
                 pending = []
     if pending:
-        ids, ys = np.concatenate([p[0] for p in pending]), np.concatenate([p[1] for p in pending])
-        items, n_G, pos_GK = _merge(items, n_G, pos_GK, ids, ys, limit)
-    return rows, pos_K, items, n_G, pos_GK
+        items, sums = _merge(items, sums, *(np.concatenate(c) for c in zip(*pending)), limit)
+    return rows, pos_K, items, sums
 
 
 def fit_priors(
@@ -151,15 +145,10 @@ def fit_priors(
     """The baselines' statistics over every row of `plan` (collective when world_size > 1)."""
     gather = gather or (lambda obj: [obj])
     parts = gather(_local_counts(plan, features, list(range(rank, len(plan.units), world_size))))
-    k = len(features.labels)
     rows = sum(int(p[0]) for p in parts)  # type: ignore[index]
     pos_K = np.sum([p[1] for p in parts], axis=0)  # type: ignore[index]
-    ids = np.concatenate([p[2] for p in parts])  # type: ignore[index]
-    u, inv = np.unique(ids, return_inverse=True)
-    n_G, pos_GK = np.zeros(len(u), np.int64), np.zeros((len(u), k))
-    np.add.at(n_G, inv, np.concatenate([p[3] for p in parts]))  # type: ignore[index]
-    np.add.at(pos_GK, inv, np.concatenate([p[4] for p in parts]).reshape(-1, k))  # type: ignore[index]
-    return Priors(rows, pos_K, u.astype(np.int64), n_G, pos_GK)
+    u, sums = sum_by_id(np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]))  # type: ignore[index]
+    return Priors(rows, pos_K, u, sums[:, 0].astype(np.int64), sums[:, 1:])
 
 
 def score_baselines(

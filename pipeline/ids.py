@@ -8,6 +8,7 @@ every process, run and machine (no Python `hash()`, no per-process salt).
                              written into a caller's buffer ('hash': mix64(id) mod V for every id;
                              'modulo': ids in range kept, the others hashed into range)
     hash_strings(array)      pyarrow string array -> int64 (FNV-1a 64 of the UTF-8 bytes, then mix64)
+    sum_by_id(ids, values)   sorted distinct ids and the sum of their values (occurrence counts by default)
 """
 
 from __future__ import annotations
@@ -177,3 +178,17 @@ def hash_strings(array: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndar
     ids = hashed[codes] if len(hashed) else np.zeros(len(codes), dtype=np.int64)
     ids[~valid] = 0
     return ids, valid
+
+
+def sum_by_id(ids_N: np.ndarray, values_N: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct int64 ids U, per-id sums U [x V]) of `values_N` (N or N x V, any dtype), or the
+    occurrence count of each id (int64) when `values_N` is None. What id vocabularies and the item
+    baselines count with."""
+    ids_N = np.asarray(ids_N, dtype=np.int64)
+    if values_N is None:
+        u, c = np.unique(ids_N, return_counts=True)
+        return u, c.astype(np.int64)
+    u, inv = np.unique(ids_N, return_inverse=True)
+    sums = np.zeros((len(u), *values_N.shape[1:]), dtype=values_N.dtype)
+    np.add.at(sums, inv, values_N)
+    return u, sums

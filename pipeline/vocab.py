@@ -40,7 +40,7 @@ from pipeline.config import FeaturesConfig, SparseFeature
 from pipeline.decode import raw_ids
 from pipeline.dense_stats import read_columns
 from pipeline.errors import DataError
-from pipeline.ids import _mod, mix64
+from pipeline.ids import _mod, mix64, sum_by_id
 from pipeline.plan import DatasetPlan
 
 VOCAB_FILE = "vocab.npz"
@@ -51,17 +51,6 @@ _SKETCH_SEEDS = np.array([0x243F6A8885A308D3, 0x13198A2E03707344, 0x0A4093822299
 
 Gather = Callable[[object], list[object]]
 """Collects one picklable object from every rank, in rank order (all_gather_object)."""
-
-
-def _unique_counts(ids_N: np.ndarray, counts_N: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted distinct ids, their summed counts) of ids_N with optional per-id weights counts_N."""
-    if counts_N is None:
-        u, c = np.unique(ids_N, return_counts=True)
-        return u.astype(np.int64), c.astype(np.int64)
-    u, inv = np.unique(ids_N, return_inverse=True)
-    c = np.zeros(len(u), dtype=np.int64)
-    np.add.at(c, inv, counts_N)
-    return u.astype(np.int64), c
 
 
 @dataclass
@@ -94,7 +83,7 @@ class IdCounts:
         """Count the ids of one row group (any int64 values)."""
         if ids_N.size == 0:
             return
-        u, c = _unique_counts(np.asarray(ids_N, dtype=np.int64))
+        u, c = sum_by_id(np.asarray(ids_N, dtype=np.int64))
         self.total += int(ids_N.size)
         self._pending.append((u, c))
         self._pending_n += len(u)
@@ -106,7 +95,7 @@ class IdCounts:
             return
         parts = [(self.ids, self.counts), *self._pending] if self.exact else self._pending
         self._pending, self._pending_n = [], 0
-        u, c = _unique_counts(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+        u, c = sum_by_id(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
         if self.exact:
             self.ids, self.counts = u, c
             if len(u) > self.limit:
@@ -158,7 +147,7 @@ class IdCounts:
         first = parts[0]
         out = IdCounts(first.limit, first.width, total=sum(p.total for p in parts))
         if all(p.exact for p in parts):
-            u, c = _unique_counts(np.concatenate([p.ids for p in parts]), np.concatenate([p.counts for p in parts]))
+            u, c = sum_by_id(np.concatenate([p.ids for p in parts]), np.concatenate([p.counts for p in parts]))
             out.ids, out.counts = u, c
             if len(u) <= out.limit:
                 return out
