@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -29,13 +28,10 @@ import torch
 from pipeline import native
 from pipeline.config import DataConfig, FeaturesConfig
 from pipeline.convert import Block, Slice, fill_block, to_window
-from pipeline.decode import Piece, decode_piece
+from pipeline.decode import IdVocab, Piece, decode_piece
 from pipeline.errors import DataError
 from pipeline.plan import DatasetPlan, WorkUnit
 from pipeline.split import ReaderSpan
-
-if TYPE_CHECKING:
-    from pipeline.vocab import IdVocab
 
 
 def window_rows(shuffle_window: int, batch_size: int) -> int:

@@ -49,7 +49,7 @@ class TrainStep:
         self.has_moe = bool(train_activation(par.model))
         emb = cfg.embeddings
         l2 = l2_columns(cfg.features, emb.l2, emb.vocab_l2)
-        self.l2: float | Tensor = torch.tensor(l2) if isinstance(l2, list) else l2
+        self.l2: float | Tensor = torch.tensor(l2, device=par.layout.device) if isinstance(l2, list) else l2
         """Embedding L2: one weight for every column, or an I-vector of per-feature weights."""
 
     def embed(self, batch: Batch, lookup: StartedLookup | None = None) -> Tensor:
@@ -79,7 +79,7 @@ class TrainStep:
         l2 = self.l2
         if isinstance(l2, Tensor):  # per-feature weights, one per column of sparse_BI
             w_B = batch.weights.to(sparse_BI.dtype)
-            sq_B = (sparse_BI.pow(2) * l2.to(sparse_BI.device, sparse_BI.dtype)).sum(1)
+            sq_B = (sparse_BI.pow(2) * l2.to(sparse_BI.dtype)).sum(1)  # on the device since __init__
             total = total + 0.5 * (sq_B * w_B).sum() / w_B.sum().clamp_min(1.0)
         elif l2 > 0:
             w_B = batch.weights.to(sparse_BI.dtype)

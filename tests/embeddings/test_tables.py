@@ -152,3 +152,21 @@ def test_optimizer_config_errors():
     with pytest.raises(ValueError, match="embeddings.optimizer: 'lamb'"):
         fused_params(EmbeddingsConfig(optimizer="lamb"), "cpu")
     assert fused_params(EmbeddingsConfig(optimizer="adam"), "cuda")["learning_rate"] == 0.05
+
+
+def test_l2_columns_follow_feature_order_and_defaults():
+    from embeddings.regroup import l2_columns
+    from pipeline.config import FeaturesConfig, SparseFeature
+
+    f = FeaturesConfig(
+        groups=["user", "item"],
+        sparse=[
+            SparseFeature(name="item", group="item", dim=2, id_mapping="vocab", vocab_size=10),
+            SparseFeature(name="age", group="user", dim=3),
+            SparseFeature(name="user", group="user", dim=1, id_mapping="vocab", vocab_size=10, l2=0.5),
+        ],
+    )
+    # model order: user group (age, user) then item; per feature its l2, else vocab_l2 (vocab) or l2
+    assert l2_columns(f, 0.01, 0.1) == [0.01, 0.01, 0.01, 0.5, 0.1, 0.1]
+    f.sparse[2].l2 = -1.0
+    assert l2_columns(f, 0.1, 0.1) == 0.1  # one weight for every column: the scalar path
