@@ -7,7 +7,7 @@ ROWS ?= 1500000
 RUN ?= default
 SMOKE ?=
 
-.PHONY: install train test lint format bench gpu-check doctor data study clean
+.PHONY: install train test lint format bench gpu-check doctor data study wheelhouse clean
 
 install:
 	@bash launch/install.sh
@@ -40,6 +40,14 @@ gpu-check: install
 	@mkdir -p bench/results
 	$(PY) -m bench.gpu_check --json bench/results/gpu_check.json
 
+# Offline wheels for an air-gapped host: HOST=host.json from `python -m launch.wheelhouse probe` on the
+# host (default: this machine), parts of at most PART (default 60MiB) under OUT.
+HOST ?=
+OUT ?= dist/wheelhouse
+PART ?= 60MiB
+wheelhouse: install
+	$(PY) -m launch.wheelhouse build $(if $(HOST),--host $(HOST),) --out $(OUT) --part-size $(PART)
+
 doctor: install
 	$(PY) -m launch.doctor
 
@@ -47,4 +55,4 @@ study: install
 	$(PY) -m launch.study --config configs/study.toml $(if $(SMOKE),--smoke,)
 
 clean:
-	rm -rf runs bench/results .pytest_cache
+	rm -rf runs bench/results .pytest_cache dist

@@ -1,6 +1,6 @@
 """Training throughput and a step-time breakdown on the default config, 1 and 2 processes.
 
-    python -m bench.train [--json FILE] [--rows N] [--steps N] [--no-jit]
+    python -m bench.train [--json FILE] [--rows N] [--steps N]
 
 Generates its own data (default schema of pipeline.tools.synth), runs `launch/train.sh`-equivalent torchrun
 jobs of this module's worker on 1 and 2 processes (same threads in total), and times each phase of
@@ -163,26 +163,12 @@ def run(world: int, data: str, steps: int, warmup: int, overrides: list[str], lo
         return json.loads(result.read_text())
 
 
-def jit_build_seconds() -> float:
-    """Seconds to JIT-build DeepSpeed's CPU comm op into an empty extensions folder."""
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": tmp}
-        code = (
-            "from deepspeed.accelerator import get_accelerator as g; "
-            "g().create_op_builder('ShareMemCommBuilder').load()"
-        )
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
-        return time.perf_counter() - t0
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n")[0])
     p.add_argument("--json", default="", help="write the figures here")
     p.add_argument("--rows", type=int, default=150_000, help="rows of generated data")
     p.add_argument("--steps", type=int, default=30, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--no-jit", action="store_true", help="skip timing the DeepSpeed op JIT build")
     p.add_argument("--rounds", type=int, default=2, help="pipelined / plain loop runs, alternated")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--loop", action="store_true", help=argparse.SUPPRESS)
@@ -218,8 +204,6 @@ def main(argv: list[str] | None = None) -> dict:
         "losses_identical": all(r["losses"] == loops["plain"][0]["losses"] for v in loops.values() for r in v),
         "rounds": args.rounds,
     }
-    if not args.no_jit:
-        results["deepspeed_op_jit_build_s"] = jit_build_seconds()
     results["scaling_2proc_vs_1proc"] = (
         results["dense_2proc"]["samples_per_s"] / results["dense_1proc"]["samples_per_s"]
     )
@@ -235,10 +219,6 @@ def main(argv: list[str] | None = None) -> dict:
         f"{lp['plain_samples_per_s']:.0f} samples/s (x{lp['pipelined_vs_plain']:.2f}); "
         f"losses identical: {lp['losses_identical']}"
     )
-    if "deepspeed_op_jit_build_s" in results:
-        print(
-            f"DeepSpeed CPU comm op JIT build: {results['deepspeed_op_jit_build_s']:.1f} s (paid once by make install)"
-        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-from parallel.env import TORCH_EXTENSIONS_DIR, detect_runtime, gpu_name, install_problems, setup_env
+from parallel.env import detect_runtime, gpu_name, install_problems, setup_env
 from pipeline import native
 
 
@@ -55,12 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"DS accel      {get_accelerator()._name} (DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR')})")
     print(f"device        {rt.device_type}{' (' + gpu_name() + ')' if rt.device_type == 'cuda' else ''}")
     print(f"backend       {rt.backend}")
-    if rt.device_type == "cuda":
-        print("shm comm op   not needed (CUDA collectives go through NCCL)")
-    else:
-        built = (TORCH_EXTENSIONS_DIR / "deepspeed_shm_comm").is_dir()
-        where = f"pre-built in {TORCH_EXTENSIONS_DIR}" if built else "not built (make install builds it)"
-        print(f"shm comm op   {where}")
+    print("shm comm op   skipped (only DeepSpeed's inference all-reduce uses it; collectives go through torch)")
 
     try:
         print(f"pipeline op   {native.build()}")

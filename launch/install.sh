@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Installs the pinned stack from requirements.lock into .venv/, then the project (editable), then
-# pre-builds DeepSpeed's CPU shared-memory comm op into .build/torch_extensions so that no training
-# run or test pays its ~1 minute JIT build, and builds the input pipeline's compiled pass
+# Installs the pinned stack from requirements.lock into .venv/, then the project (editable), and builds
+# the input pipeline's compiled pass
 # (pipeline/native.c, < 1 s; rebuilt whenever its source changes). Otherwise a no-op when the stamp
 # matches the lock file and the variant (cpu, or cuda where nvidia-smi lists a GPU), then verifies the
 # install (python -m launch.doctor --verify-install).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Needs: Python >= 3.11 (PYTHON=... picks the interpreter, default python3) and a C compiler (cc / gcc:
-# DeepSpeed's CPU comm op and the pipeline's compiled pass are built here).
+# the pipeline's compiled pass is built here). DeepSpeed's CPU comm op is never built: training skips
+# it (parallel.env.skip_shm_comm_op).
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
   echo "install: $PY is $("$PY" --version 2>&1 || echo missing); Python >= 3.11 is needed (set PYTHON=/path/to/python3.11)" >&2
@@ -53,16 +53,6 @@ $PIP $(stage deps)
 $PIP --no-build-isolation $(stage nobuildiso)
 $PIP $(stage rest)
 $PIP --no-deps --no-build-isolation -e .
-if [ $variant = cpu ]; then
-  echo "[install] pre-building DeepSpeed's CPU comm op into .build/torch_extensions"
-  mkdir -p .build/torch_extensions
-  # the venv's pinned ninja first on PATH (absolute: torch runs ninja in the build folder), as
-  # parallel.env.setup_env does for every run: another ninja
-  # version would read this build's log as stale and rebuild the op at the first training run
-  PATH="$PWD/$VENV/bin:$PATH" DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=$PWD/.build/torch_extensions $VENV/bin/python -c \
-    "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()" \
-    >/dev/null
-fi
 echo "[install] building the input pipeline's compiled pass (pipeline/native.c)"
 $VENV/bin/python -m pipeline.native >/dev/null
 # torch sees CUDA iff this is the cuda variant, and fbgemm's ops run on that device; else one line + the fix

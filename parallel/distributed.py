@@ -16,7 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from parallel.env import Runtime, deepspeed_stdout, detect_runtime
+from parallel.env import Runtime, detect_runtime, skip_shm_comm_op
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,8 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
             dist.init_process_group(runtime.backend, rank=rank, world_size=world, timeout=timeout)
     import deepspeed
 
-    with deepspeed_stdout():
-        deepspeed.init_distributed(dist_backend=runtime.backend)
+    skip_shm_comm_op()  # unused by training; DeepSpeed would JIT-build it on CPU (parallel.env)
+    deepspeed.init_distributed(dist_backend=runtime.backend)
     return DistInfo(rank, world, runtime.local_rank, runtime, restarts, owns_group)
 
 

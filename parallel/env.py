@@ -3,19 +3,14 @@ environment every entry point needs. Call `setup_env()` before importing deepspe
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
 REPO = Path(__file__).resolve().parent.parent
 TORCH_EXTENSIONS_DIR = REPO / ".build" / "torch_extensions"
@@ -140,10 +135,17 @@ def install_problems(variant: str) -> list[str]:
         x = torch.tensor([1, 2, 3], dtype=torch.int64, device=device)
         torch.ops.fbgemm.asynchronous_complete_cumsum(x)
     except Exception as e:  # noqa: BLE001 - reported with the fix
-        want = "fbgemm-gpu==1.8.0" if variant == "cuda" else "fbgemm-gpu-cpu==1.8.0"
+        from parallel.compat import CompatError, release_for
+
+        try:  # the release built for this torch (parallel/compat.py: one table for make install and the wheelhouse)
+            fbgemm = release_for(torch.__version__).fbgemm
+            name = "fbgemm-gpu" if variant == "cuda" else "fbgemm-gpu-cpu"
+            fix = f"install {name}=={fbgemm} for torch {torch.__version__}"
+        except CompatError as c:
+            fix = str(c)
         problems.append(
             f"fbgemm ops do not run on {variant}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
-            f"install {want} for torch 2.13.0 (rm .venv/.installed && make install)"
+            f"{fix} (make install, or python -m launch.wheelhouse on an air-gapped host)"
         )
     return problems
 
@@ -165,8 +167,7 @@ def quiet_third_party() -> None:
     """The one place third-party noise is silenced, so the console holds our own lines: TorchRec's
     planner advice, torch.distributed deprecations triggered inside TorchRec / DeepSpeed, DeepSpeed's
     info chatter, and torch.fx's once-per-process `is_fx_tracing` notice (TorchRec calls it) go to
-    log level ERROR or are filtered. Real errors still show. (DeepSpeed's print at process-group
-    start-up is dropped by `deepspeed_stdout` around that one call.)"""
+    log level ERROR or are filtered. Real errors still show."""
     for name in ("torchrec", "DeepSpeed", "deepspeed", "torch.distributed", "fbgemm_gpu", "torch.fx._symbolic_trace"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
@@ -175,32 +176,16 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated.*")
 
 
-class _DropLines(io.TextIOBase):
-    """A stdout that drops lines matching `pattern` and passes every other line through."""
+def skip_shm_comm_op() -> None:
+    """Tell DeepSpeed not to build or load its CPU shared-memory comm op.
 
-    def __init__(self, target: TextIO, pattern: str) -> None:
-        self.target, self.pattern, self.buffer_ = target, re.compile(pattern), ""
+    `deepspeed.init_distributed` JIT-builds that op on a CPU host (~40-70 s, a C++ compiler, a build
+    folder tied to the paths of one environment) although only `inference_all_reduce` -- DeepSpeed's
+    tensor-parallel inference kernels -- ever calls it: every collective of this trainer (gradient
+    all-reduce, expert all-to-all, TorchRec's) goes through torch.distributed on gloo or NCCL. The op
+    is skipped by marking it incompatible in DeepSpeed's probed op table (a cached module dict meant to
+    be edited) before the comm backend starts; on CUDA DeepSpeed has no such op and this changes nothing.
+    """
+    import deepspeed.ops
 
-    def write(self, text: str) -> int:
-        self.buffer_ += text
-        *lines, self.buffer_ = self.buffer_.split("\n")
-        for line in lines:
-            if not self.pattern.search(line):
-                self.target.write(line + "\n")
-        return len(text)
-
-    def flush(self) -> None:
-        if self.buffer_ and not self.pattern.search(self.buffer_):
-            self.target.write(self.buffer_)
-        self.buffer_ = ""
-        self.target.flush()
-
-
-@contextlib.contextmanager
-def deepspeed_stdout() -> Iterator[None]:
-    """Around `deepspeed.init_distributed`: drop its "... shm_comm_op built successfully" print, which it
-    makes on every rank when it merely loads the op `make install` pre-built."""
-    stream = _DropLines(sys.stdout, r"^DeepSpeed \S+ built successfully$")
-    with contextlib.redirect_stdout(stream):
-        yield
-    stream.flush()
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

@@ -28,9 +28,11 @@ ILLUSTRATIONS = (
     r"^#",
     r"^python3 -m bench\.gpu_check$",
     r"^make gpu-check$",
+    r"^python -m launch\.wheelhouse (build|verify|install) ",
 )
 """What ```text blocks may hold: the full study (about an hour), a study on a user's data, the 2-node x 8-GPU
-launch, the device check on a GPU machine."""
+launch, the device check on a GPU machine, the wheelhouse build and install (a minute and more each:
+tests/launch/test_wheelhouse.py runs them)."""
 
 
 def blocks(text: str, lang: str) -> list[list[str]]:
