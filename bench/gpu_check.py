@@ -19,9 +19,10 @@ parts (a) need `model/` and torch alone; part (b) runs only when torchrec and fb
     4. Sparse inference (zero-gate experts skipped) against dense inference of the same per-token MoE
        model (100M shape, 4 experts of width D per token, routers tuned to activation 1/4); the two
        paths' outputs are compared in fp32 first, then both are timed in bf16.
-(b) when torchrec and fbgemm_gpu import: the full trainer (`launch.train` under torchrun, one
-    process: NCCL on a GPU, gloo on CPU) for --trainer-steps steps on freshly synthesised data; its
-    samples/s, MFU and wall time from the run's summary.json.
+(b) when torchrec, fbgemm_gpu and deepspeed import (`launch.wheelhouse` brings them to a bare host):
+    the full trainer (`bench/gpu_trainer.py`: `launch.train` under torchrun, NCCL, fbgemm tables, the
+    DeepSpeed MoE engine, bf16, W&B offline) for --trainer-steps steps, then evaluate + export +
+    predict of that run, then a short fp32 run on the device against the same run on the CPU.
 (c) one JSON (--json) with every figure, the environment, and each part's error if it failed (a part
     that fails does not stop the others; the exit code is 1 when any part failed).
 
@@ -35,12 +36,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import json
-import os
 import platform
-import subprocess
 import sys
-import tempfile
 import time
 import tomllib
 import traceback
@@ -56,6 +53,7 @@ if str(REPO) not in sys.path:  # `python bench/gpu_check.py` from anywhere
 
 from bench import write_json  # noqa: E402
 from bench.gpu_report import print_report, summarize  # noqa: E402
+from bench.gpu_trainer import trainer_suite  # noqa: E402
 from metrics.mfu import measure_gemm_flops  # noqa: E402
 from model.config import DenseInputSpec, ModelConfig, MoEConfig  # noqa: E402
 from model.ffn import PerTokenFFN  # noqa: E402
@@ -305,86 +303,39 @@ def sparse_inference(device: torch.device, batch: int, smoke: bool, iters: int, 
         tune_routers(model, sparse, dense, 0.25)
     layers = moe_layers(model)
 
-    def run(sparse_path: bool, bf16: bool) -> Callable[[], torch.Tensor]:
+    def run(sparse_path: bool, bf16: bool, sync_free: bool | None = None) -> Callable[[], torch.Tensor]:
         def fwd() -> torch.Tensor:
             for layer in layers:
-                layer.sparse_inference = sparse_path
+                layer.sparse_inference, layer.sparse_sync_free = sparse_path, sync_free
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 return model(sparse, dense).logits_BK
 
         return fwd
 
-    diff = float((run(True, False)() - run(False, False)()).abs().max())
+    ref = run(False, False)()
+    diff = float((run(True, False, True)() - ref).abs().max())
+    diff_cut = float((run(True, False, False)() - ref).abs().max())
     activation = float(torch.stack([m.last_active for m in layers]).mean())
-    t_dense, t_sparse = time_per_call([run(False, True), run(True, True)], device, iters, reps)
+    # sparse: static shapes, no host sync (the default on CUDA); sparse_cut: buffers cut to the active
+    # rows after reading their count (one sync per layer; the default on CPU)
+    t_dense, t_sparse, t_cut = time_per_call(
+        [run(False, True), run(True, True, True), run(True, True, False)], device, iters, reps
+    )
+    for layer in layers:
+        layer.sparse_sync_free = None
     return {
         "batch": float(batch),
         "activation": activation,
+        "grouped_mm": float(hasattr(torch, "_grouped_mm")),
         "max_abs_diff_fp32": diff,
+        "max_abs_diff_fp32_cut": diff_cut,
         "dense_s": t_dense,
         "sparse_s": t_sparse,
+        "sparse_cut_s": t_cut,
         "speedup": t_dense / t_sparse,
+        "speedup_cut": t_dense / t_cut,
         "dense_tflops": model.flops_per_sample(activation=1.0) * batch / t_dense / 1e12,
         "sparse_tflops": model.flops_per_sample(activation=activation) * batch / t_sparse / 1e12,
-    }
-
-
-def trainer_run(device: torch.device, steps: int, config: Path, rows: int) -> dict[str, Any]:
-    """`launch.train` under torchrun (1 process) for `steps` steps on freshly synthesised data; the
-    figures of its summary.json. Raises with the run's output tail when it fails."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "PYTHONUNBUFFERED": "1",
-        "TORCH_EXTENSIONS_DIR": str(REPO / ".build" / "torch_extensions"),
-    }
-    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
-        data, run = Path(tmp) / "data", Path(tmp) / "run"
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pipeline.tools.synth",
-                "--out",
-                str(data),
-                "--rows",
-                str(rows),
-                "--files",
-                "2",
-                "--seed",
-                "0",
-            ],
-            cwd=REPO,
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-            "-m", "launch.train",
-            "--config", str(config), "--data.train", str(data / "train"), "--data.eval", str(data / "eval"),
-            "--training.output_dir", str(run), "--training.steps", str(steps), "--training.eval_every", "0",
-            "--training.dtype", "bf16" if device.type == "cuda" else "fp32",
-        ]  # fmt: skip
-        with tempfile.TemporaryFile(mode="w+") as log:  # a file, not a pipe: nobody reads while it runs
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-            wall = time.perf_counter() - t0
-            log.seek(0)
-            text = log.read()
-        if proc.returncode != 0:
-            raise RuntimeError(f"launch.train exited {proc.returncode}:\n{text[-3000:]}")
-        s = json.loads((run / "summary.json").read_text())
-    return {
-        "config": str(config.relative_to(REPO)),
-        "steps": s["steps"],
-        "samples_per_s": s["samples_per_s"],
-        "mfu": s["mfu"],
-        "peak_flops_source": s["peak_flops_source"],
-        "params": s["params"],
-        "eval": s["eval"],
-        "launch_wall_s": wall,
     }
 
 
@@ -449,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.trainer_steps > 0 and trainer_ok:
         config = args.trainer_config or REPO / "configs" / ("default.toml" if on_cuda else "tiny.toml")
         rows = 400_000 if on_cuda else 4000
-        _part(res, "trainer", lambda: trainer_run(device, args.trainer_steps, config, rows))
+        compare = 20 if on_cuda else 3
+        _part(res, "trainer", lambda: trainer_suite(device, args.trainer_steps, config, rows, compare))
     else:
         missing = [m for m in ("torchrec", "fbgemm_gpu", "deepspeed") if not res["env"][m]]
         res["trainer"] = {

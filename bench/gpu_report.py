@@ -67,12 +67,23 @@ def print_report(res: dict[str, Any]) -> None:
             )
         else:
             print(
-                f"  {name}: {r['speedup']:.2f}x at activation {r['activation']:.3f} "
-                f"(fp32 max |diff| {r['max_abs_diff_fp32']:.1e})"
+                f"  {name}: {r['speedup']:.2f}x sync-free, {r['speedup_cut']:.2f}x cut to the active rows, at "
+                f"activation {r['activation']:.3f} (fp32 max |diff| {r['max_abs_diff_fp32']:.1e}, "
+                f"grouped GEMM {'yes' if r['grouped_mm'] else 'no: padded bmm'})"
             )
     t = res.get("trainer", {})
     if "samples_per_s" in t:
-        print(f"  trainer ({t['config']}, {t['steps']} steps): {t['samples_per_s']:,.0f} samples/s, MFU {t['mfu']:.3f}")
+        print(
+            f"  trainer ({t['config']}, MoE, {t['dtype']}, {t['steps']} steps, tables {'/'.join(t['table_kernels'])}): "
+            f"{t['samples_per_s']:,.0f} samples/s, MFU {t['mfu']:.3f}; evaluate {t['evaluate']['wall_s']:.0f} s, "
+            f"export {t['export_wall_s']:.0f} s, predict {t['predict_wall_s']:.0f} s"
+        )
+        c = t["fp32_vs_cpu"]
+        print(
+            f"  fp32 on the device vs CPU, {c['steps']} steps: max |loss diff| {c['max_loss_diff']:.2e} "
+            f"(tol {c['loss_tol']:.0e}), max |AUC diff| {max(c['auc_diff'].values()):.2e} (tol {c['auc_tol']:.0e}): "
+            + ("agree" if c["agree"] else "DISAGREE")
+        )
     else:
         print(f"  trainer: {t.get('skipped') or 'FAILED ' + str(t.get('error'))}")
     print(f"  total {res['total_s']:.0f} s")

@@ -124,6 +124,8 @@ def pip(python: str, args: list[str], what: str, env: dict[str, str] | None = No
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip() and "is ignored" not in ln]
         last = next((ln for ln in reversed(lines) if "ERROR" in ln), lines[-1] if lines else "no output")
+        if "externally-managed-environment" in proc.stderr:  # PEP 668: pip's last line is only a hint
+            last = "error: externally-managed-environment"
         raise WheelhouseError(f"{what} failed: {last.strip()}")
 
 
@@ -230,7 +232,7 @@ def torch_identity(python: str) -> str:
     return proc.stdout.strip() if proc.returncode == 0 else ""
 
 
-def install(folder: Path, python: str, doctor: bool = True) -> int:
+def install(folder: Path, python: str, doctor: bool = True, pip_args: list[str] | None = None) -> int:
     """Check, reassemble and install a wheelhouse into `python`'s environment; returns the wheel count."""
     manifest = parts.read_manifest(folder)
     target = manifest.get("target") or {}
@@ -248,8 +250,16 @@ def install(folder: Path, python: str, doctor: bool = True) -> int:
         )
     wheels = parts.reassemble(folder, folder / "wheels")
     before = torch_identity(python)
-    pip(python, ["install", "-q", "--no-index", "--no-deps", "--find-links", str(folder / "wheels"),
-                 *map(str, wheels)], "installing the wheels")  # fmt: skip
+    cmd = ["install", "-q", "--no-index", "--no-deps", "--find-links", str(folder / "wheels"), *(pip_args or [])]
+    try:
+        pip(python, [*cmd, *map(str, wheels)], "installing the wheels")
+    except WheelhouseError as e:
+        if "externally-managed" in str(e) or "externally managed" in str(e):
+            raise WheelhouseError(
+                f"{python}'s environment is managed by the system (PEP 668): install into a venv made with "
+                "--system-site-packages, or pass --pip-arg=--break-system-packages"
+            ) from None
+        raise
     if torch_identity(python) != before:
         raise WheelhouseError(f"installing changed the host's torch ({before} -> {torch_identity(python)})")
     if doctor:
@@ -281,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("folder", type=Path)
     i.add_argument("--python", default=sys.executable, help="interpreter of the environment (default: this one)")
     i.add_argument("--no-doctor", action="store_true", help="skip `launch.doctor --verify-install`")
+    i.add_argument("--pip-arg", action="append", default=[], help="extra argument for pip install (repeatable)")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "probe":
@@ -301,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             m = parts.check(args.folder)
             print(f"wheelhouse: {len(m['parts'])} parts OK ({args.folder})")
         else:
-            n = install(args.folder, args.python, doctor=not args.no_doctor)
+            n = install(args.folder, args.python, doctor=not args.no_doctor, pip_args=args.pip_arg)
             print(f"wheelhouse: installed {n} wheels into {args.python}'s environment; torch untouched")
     except (WheelhouseError, parts.PartError, compat.CompatError, ValueError, OSError) as e:
         print(f"wheelhouse: {e}", file=sys.stderr)

@@ -50,6 +50,24 @@ L1_FLOOR = 1e-4
 l1_step every step towards 0 (underflowing to denormals) and take hundreds of steps to come back."""
 
 
+def _grouped_mm_flops(a: Tensor, b: Tensor, offs: Tensor | None = None, *args, out_val=None, **kwargs) -> int:
+    """FLOPs of `torch._grouped_mm` (torch's FlopCounterMode has no rule for it): the rows it multiplies,
+    up to the last group end, times K x N per row; 2 per multiply-add."""
+    if a.dim() == 2 and b.dim() == 3:  # rows grouped by offs, one K x N weight per group
+        rows = int(offs[-1]) if offs is not None and offs.numel() else a.shape[0]
+        return 2 * rows * a.shape[1] * b.shape[2]
+    if a.dim() == 3 and b.dim() == 3:  # a plain batched matmul
+        return 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+    return 2 * a.shape[0] * a.shape[1] * b.shape[-1]  # 2D x 2D: the K axis grouped
+
+
+if hasattr(torch.ops.aten, "_grouped_mm"):
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    if torch.ops.aten._grouped_mm not in flop_registry:
+        register_flop_formula(torch.ops.aten._grouped_mm, get_raw=True)(_grouped_mm_flops)
+
+
 def expert_seed(seed: int, layer: int, position: int, expert: int) -> int:
     """A process-independent 63-bit seed for expert `expert` of token `position` in block `layer`."""
     digest = hashlib.blake2b(f"{seed}/{layer}/{position}/{expert}".encode(), digest_size=8).digest()
@@ -113,37 +131,78 @@ class PerTokenExperts(nn.Module):
         bias_tBD = torch.bmm(g_tBE, self.b2)  # sum_j g_j b2_j
         return torch.baddbmm(bias_tBD, hg_tBX, self.w2.view(t, E * M, D))
 
-    def forward_sparse(self, x_tBD: Tensor, gates_tBE: Tensor) -> Tensor:
-        """Same result as `forward`, computing only the (token, sample, expert) triples with a non-zero gate.
+    def forward_sparse(self, x_tBD: Tensor, gates_tBE: Tensor, sync_free: bool | None = None) -> Tensor:
+        """Same result as `forward`, computing only the (position, sample, expert) triples with a non-zero gate.
 
-        Rows are grouped by (position, expert) with one `nonzero`; each group is one gather, two GEMMs
-        and one `index_add_` (a loop over the t x E groups, never over samples).
+        One stable sort puts the triples in (position, expert) groups, with the inactive ones last;
+        the group ends (`offs_G`) are a cumulative count on the device. Both expert layers then run as
+        one grouped GEMM over those groups (`torch._grouped_mm`; a padded batched matmul where torch
+        lacks it), the biases are gathered per row, and one `index_add_` sums every expert's gated
+        output back into its (position, sample) row. No loop over groups, no per-group launch.
+
+        sync_free (default: on CUDA): keep every shape static -- all t x B x E triples stay in the
+        buffers, the grouped GEMM stops at the last active row and the inactive rows are masked -- so
+        nothing waits on the device. Otherwise (CPU, where reading the active count costs nothing) the
+        buffers are cut to the active rows, which also skips their bias, GELU and scatter work.
 
         Args:
             x_tBD: t x B x D states.
             gates_tBE: t x B x E gates.
+            sync_free: see above.
 
         Returns:
             y_tBD: t x B x D.
         """
         g_tBE = gates_tBE.to(x_tBD.dtype)
         t, B, D = x_tBD.shape
-        E = self.num_experts
-        mask_tEB = g_tBE.permute(0, 2, 1) != 0
-        rows = mask_tEB.nonzero()[:, 2]  # sorted by (position, expert, sample)
-        counts = mask_tEB.sum(-1).flatten().tolist()
-        y_tBD = x_tBD.new_zeros(t, B, D)
-        start = 0
-        for group, count in enumerate(counts):
-            if count == 0:
-                continue
-            i, j = divmod(group, E)
-            idx = rows[start : start + count]
-            start += count
-            h = F.gelu(torch.addmm(self.b1[i, j], x_tBD[i].index_select(0, idx), self.w1[i, j]))
-            y = torch.addmm(self.b2[i, j], h, self.w2[i, j]) * g_tBE[i].index_select(0, idx)[:, j : j + 1]
-            y_tBD[i].index_add_(0, idx, y)
-        return y_tBD
+        E, M = self.num_experts, self.expert_mult * x_tBD.shape[-1]
+        G = t * E
+        if sync_free is None:
+            sync_free = x_tBD.is_cuda
+        dev = x_tBD.device
+        # triple n = (i * B + b) * E + j has group i * E + j when its gate is non-zero, else G (sorted last)
+        group_tBE = (torch.arange(t, device=dev).view(t, 1, 1) * E + torch.arange(E, device=dev).view(1, 1, E)).expand(
+            t, B, E
+        )
+        key_N = torch.where(g_tBE != 0, group_tBE, G).flatten()
+        key_N, order_N = key_N.sort(stable=True)
+        offs_G = torch.bincount(key_N, minlength=G + 1)[:G].cumsum(0)
+        if not sync_free:
+            n = int(offs_G[-1])
+            key_N, order_N = key_N[:n], order_N[:n]
+        group_N = key_N.clamp_max(G - 1)
+        src_N = torch.div(order_N, E, rounding_mode="floor")  # flat (position, sample) row
+        # the GEMM dtype autocast would pick for addmm (grouped GEMM has no autocast rule of its own)
+        dt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x_tBD.dtype
+        w1, b1, w2, b2 = (p.to(dt) for p in (self.w1, self.b1, self.w2, self.b2))
+        x_ND = x_tBD.reshape(t * B, D).index_select(0, src_N).to(dt)
+        h_NM = self._grouped(x_ND, w1.reshape(G, D, M), offs_G, group_N)
+        h_NM = F.gelu(h_NM + b1.reshape(G, M).index_select(0, group_N))
+        y_ND = self._grouped(h_NM, w2.reshape(G, M, D), offs_G, group_N)
+        y_ND = (y_ND + b2.reshape(G, D).index_select(0, group_N)) * g_tBE.reshape(-1, 1).index_select(0, order_N)
+        if sync_free:  # rows past the last group hold whatever the GEMM left there: never add them
+            y_ND = torch.where((key_N < G).unsqueeze(-1), y_ND, 0.0)
+        return x_tBD.new_zeros(t * B, D).index_add_(0, src_N, y_ND.to(x_tBD.dtype)).view(t, B, D)
+
+    grouped_mm = hasattr(torch, "_grouped_mm")
+    """Whether the grouped GEMM is used (class default: torch has it); False runs the padded batched matmul."""
+
+    def _grouped(self, a_NK: Tensor, w_GKO: Tensor, offs_G: Tensor, group_N: Tensor) -> Tensor:
+        """Rows of `a_NK` grouped by `offs_G` (group g: rows offs[g-1]:offs[g]) times their group's
+        weight: N x O. Rows past offs[-1] are left undefined (grouped GEMM) or zero (padded path)."""
+        if self.grouped_mm and a_NK.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            return torch._grouped_mm(a_NK, w_GKO, offs=offs_G.to(torch.int32))
+        # padded batched matmul: each group's rows in a G x C x K block, C = the largest group (one read)
+        G, N = w_GKO.shape[0], a_NK.shape[0]
+        counts_G = torch.diff(offs_G, prepend=offs_G.new_zeros(1))
+        starts_G = offs_G - counts_G
+        C = max(int(counts_G.max()), 1)
+        slot_N = torch.arange(N, device=a_NK.device) - starts_G.index_select(0, group_N)
+        live_N = slot_N < C
+        flat_N = group_N * C + slot_N.clamp(0, C - 1)
+        padded = a_NK.new_zeros(G * C, a_NK.shape[1]).index_put_((flat_N[live_N],), a_NK[live_N])
+        out_GCO = torch.bmm(padded.view(G, C, -1), w_GKO)
+        return torch.where(live_N.unsqueeze(-1), out_GCO.view(G * C, -1).index_select(0, flat_N), 0.0)
 
 
 def _relu_gates(logits_TBE: Tensor, leak: float = 0.0) -> tuple[Tensor, Tensor]:
@@ -179,6 +238,8 @@ class PerTokenMoE(nn.Module):
     Attributes:
         sparse_inference: in eval, skip zero-gate experts (`experts.forward_sparse`); the trainer sets
             it False under expert parallelism.
+        sparse_sync_free: `forward_sparse`'s `sync_free` (None: static shapes on CUDA, cut to the active
+            rows elsewhere); the device check times both.
         eval_router: "infer" (default) or "train": which router scores in eval (DTSI comparison).
         l1_lambda: buffer, the L1 coefficient (checkpointed with the state_dict).
         last_active: buffer, share of non-zero gates actually used in the last forward (FLOPs counter).
@@ -202,6 +263,7 @@ class PerTokenMoE(nn.Module):
             self.router_train_w = uniform_param((T, D, E), D, gen)
             self.router_train_b = uniform_param((T, 1, E), D, gen)
         self.sparse_inference = True
+        self.sparse_sync_free: bool | None = None
         self.eval_router = "infer"
         self.register_buffer("l1_lambda", torch.tensor(float(cfg.l1_init)))
         self.register_buffer("last_active", torch.tensor(1.0), persistent=False)
@@ -241,7 +303,7 @@ class PerTokenMoE(nn.Module):
         else:
             g_TBE = g_inf_TBE
         if not self.training and self.sparse_inference:
-            v_TBD = self.experts.forward_sparse(s_TBD, g_TBE)
+            v_TBD = self.experts.forward_sparse(s_TBD, g_TBE, self.sparse_sync_free)
         else:
             v_TBD = self.experts(s_TBD, g_TBE)
 

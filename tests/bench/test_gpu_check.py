@@ -32,9 +32,14 @@ def test_cpu_smoke_every_part(tmp_path: Path) -> None:
     sp = res["sparse_inference"]
     assert sp["max_abs_diff_fp32"] < 1e-5  # the sparse path computes what the dense path does
     assert 0.15 < sp["activation"] < 0.35  # routers tuned to 1/4
-    tr = res["trainer"]  # (b): launch.train under torchrun, 1 process, gloo
-    assert tr["steps"] == 3 and tr["samples_per_s"] > 0 and tr["mfu"] > 0
-    assert set(tr["eval"]) == {"click", "finish"}
+    assert sp["max_abs_diff_fp32_cut"] < 1e-5 and sp["speedup_cut"] > 0
+    tr = res["trainer"]  # (b): launch.train under torchrun, 1 process, gloo; then serving; then device vs CPU
+    assert tr["steps"] == 3 and tr["samples_per_s"] > 0 and tr["mfu"] > 0 and tr["table_kernels"] == ["fused"]
+    assert set(tr["eval"]) == {"click", "finish"} and tr["wandb_offline_files"] == 1
+    assert tr["evaluate"]["auc"]["click"] == pytest.approx(tr["eval"]["click"]["auc"], abs=1e-6)
+    assert tr["export_wall_s"] > 0 and tr["predict_wall_s"] > 0
+    cmp = tr["fp32_vs_cpu"]  # on a CPU host both runs are CPU runs: identical
+    assert cmp["agree"] and cmp["max_loss_diff"] == 0 and max(cmp["auc_diff"].values()) == 0
 
 
 def test_runs_where_only_torch_is_installed(tmp_path: Path) -> None:

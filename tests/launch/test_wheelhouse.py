@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,24 @@ def test_install_refuses_a_wheelhouse_for_another_host(packed: Path, capsys) -> 
     assert wheelhouse.main(["install", str(packed), "--no-doctor"]) == 2
     err = capsys.readouterr().err.strip()
     assert "built for Python 3.12, torch 2.11 (cu130)" in err and "\n" not in err
+
+
+def test_a_system_managed_python_gets_the_way_out(packed: Path, capsys, monkeypatch) -> None:
+    import torch
+
+    manifest = json.loads((packed / "manifest.json").read_text())
+    manifest["target"] = {"python": f"{sys.version_info.major}.{sys.version_info.minor}", "torch": torch.__version__,
+                          "variant": compat.variant_of(torch.__version__, torch.version.cuda)}  # fmt: skip
+    (packed / "manifest.json").write_text(json.dumps(manifest))
+
+    def refuse(python: str, args: list[str], what: str, env=None) -> None:
+        assert "--no-index" in args and "--no-deps" in args and "--break-system-packages" not in args
+        raise wheelhouse.WheelhouseError(f"{what} failed: error: externally-managed-environment")
+
+    monkeypatch.setattr(wheelhouse, "pip", refuse)
+    assert wheelhouse.main(["install", str(packed), "--no-doctor"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "managed by the system (PEP 668)" in err and "--pip-arg=--break-system-packages" in err
 
 
 # ---------------------------------------------------------------- the round trip

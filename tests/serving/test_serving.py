@@ -119,7 +119,9 @@ def test_dense_program_matches_the_dense_weighted_model(run) -> None:
         set_sparse_inference(model.dense, True)
         out = prog(x_BI, d_BF)
         assert out.shape == (b, 2)
-        assert torch.equal(out, dense)  # the program is exactly the dense-weighted path
+        # the program is the dense-weighted path: bit-equal where export keeps eager's CPU kernels, within fp32
+        # rounding where it picks others (3e-8 apart on an AMD EPYC host)
+        torch.testing.assert_close(out, dense, rtol=1e-6, atol=1e-7)
         assert (out - sparse).abs().max() < 1e-5  # which is the sparse path up to rounding
 
 
