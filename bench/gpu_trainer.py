@@ -76,6 +76,8 @@ def trainer_suite(device: torch.device, steps: int, config: Path, rows: int, com
         synth = ["-m", "pipeline.tools.synth", "--out", str(data), "--rows", str(rows), "--files", "2", "--seed", "0"]
         _run(synth, _env(), "pipeline.tools.synth")
         main = ["--training.dtype", "bf16" if bf16 else "fp32", "--moe.enabled", "true", "--metrics.wandb", "true"]
+        if not bf16:  # an fp32 run already: it doubles as the device side of stage 3
+            main += ["--training.log_every", "1"]
         wall = _train(data, run, config, steps, main, _env())
         s = json.loads((run / "summary.json").read_text())
         kernels = sorted({t["compute_kernel"] for t in s["sharding"]["tables"].values()})
@@ -88,16 +90,19 @@ def trainer_suite(device: torch.device, steps: int, config: Path, rows: int, com
         preds = Path(tmp) / "preds.parquet"
         predict = ["-m", "launch.predict", "--artifact", str(art), "--data", str(data / "eval"), "--out", str(preds)]
         _, t_predict = _run([*predict, "--dtype", "bf16" if bf16 else "fp32"], _env(), "launch.predict")
-        # 3. fp32 on the device against fp32 on the CPU
+        # 3. fp32 on the device against fp32 on the CPU (on a CPU host the run above is the device side)
         same = ["--training.dtype", "fp32", "--moe.enabled", "true", "--training.log_every", "1"]
-        _train(data, Path(tmp) / "fp32_device", config, compare_steps, same, _env())
-        _train(data, Path(tmp) / "fp32_cpu", config, compare_steps, same, _env(cpu_only=True))
-        dev_l, cpu_l = _losses(Path(tmp) / "fp32_device"), _losses(Path(tmp) / "fp32_cpu")
+        dev_run, cpu_run = (Path(tmp) / "fp32_device", Path(tmp) / "fp32_cpu") if bf16 else (run, Path(tmp) / "cpu")
+        compare_steps = compare_steps if bf16 else steps
+        if bf16:
+            _train(data, dev_run, config, compare_steps, same, _env())
+        _train(data, cpu_run, config, compare_steps, same, _env(cpu_only=True))
+        dev_l, cpu_l = _losses(dev_run), _losses(cpu_run)
         if dev_l.keys() != cpu_l.keys() or not dev_l:
             raise RuntimeError(f"fp32 runs logged different steps: {sorted(dev_l)} vs {sorted(cpu_l)}")
         loss_diff = max(abs(dev_l[k] - cpu_l[k]) for k in dev_l)
-        dev_eval = json.loads((Path(tmp) / "fp32_device" / "summary.json").read_text())["eval"]
-        cpu_eval = json.loads((Path(tmp) / "fp32_cpu" / "summary.json").read_text())["eval"]
+        dev_eval = json.loads((dev_run / "summary.json").read_text())["eval"]
+        cpu_eval = json.loads((cpu_run / "summary.json").read_text())["eval"]
         auc_diff = {k: abs(dev_eval[k]["auc"] - cpu_eval[k]["auc"]) for k in dev_eval}
     return {
         "config": str(config.relative_to(REPO)),

@@ -207,8 +207,9 @@ def build(host: dict[str, Any], out: Path, part_bytes: int, index_url: str | Non
         need.append(f"{name}=={version}")
     # 3. Download: the resolved set, then fbgemm (from the CUDA index on a GPU host) and TorchRec, no deps.
     (stage / "download.txt").write_text("\n".join(need) + "\n")
-    pip(python, ["download", "-q", "--no-deps", "-d", str(wheels), "-r", str(stage / "download.txt"), *flags],
-        "downloading the dependencies")  # fmt: skip
+    if need:  # empty when the host already has every dependency at the resolved version
+        pip(python, ["download", "-q", "--no-deps", "-d", str(wheels), "-r", str(stage / "download.txt"), *flags],
+            "downloading the dependencies")  # fmt: skip
     fb_index = index
     if variant != "cpu":
         fb_index = ["--index-url", fbgemm_index or compat.CUDA_INDEX.format(variant=variant)]
