@@ -86,7 +86,8 @@ def trainer_suite(device: torch.device, steps: int, config: Path, rows: int, com
         _, t_eval = _run(["-m", "launch.evaluate", "--run", str(run)], _env(), "launch.evaluate")
         evaluated = json.loads((run / "eval.json").read_text())["eval"]
         art = Path(tmp) / "artifact"
-        _, t_export = _run(["-m", "launch.export", "--run", str(run), "--out", str(art)], _env(), "launch.export")
+        export = ["-m", "launch.export", "--run", str(run), "--out", str(art), "--eval-data", ""]  # evaluate scored it
+        _, t_export = _run(export, _env(), "launch.export")
         preds = Path(tmp) / "preds.parquet"
         predict = ["-m", "launch.predict", "--artifact", str(art), "--data", str(data / "eval"), "--out", str(preds)]
         _, t_predict = _run([*predict, "--dtype", "bf16" if bf16 else "fp32"], _env(), "launch.predict")

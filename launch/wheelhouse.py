@@ -199,12 +199,12 @@ def build(host: dict[str, Any], out: Path, part_bytes: int, index_url: str | Non
     items = report(python, [*resolved, f"torch=={host_torch}"], stage, "host",  # --target: pip < 23.3 wants it
                    [*flags, "--target", str(stage / "target"), "-c", str(stage / "host-constraints.txt")])  # fmt: skip
     skip = torch_only(items, ["torch", *ours])
-    need = []
+    need = []  # the exact files the resolution picked (URLs: no second index look-up per package)
     for i in items:
         name, version = norm(i["metadata"]["name"]), i["metadata"]["version"]
         if name in skip or host["packages"].get(name) == version:
             continue
-        need.append(f"{name}=={version}")
+        need.append(i["download_info"]["url"])
     # 3. Download: the resolved set, then fbgemm (from the CUDA index on a GPU host) and TorchRec, no deps.
     (stage / "download.txt").write_text("\n".join(need) + "\n")
     if need:  # empty when the host already has every dependency at the resolved version

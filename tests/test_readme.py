@@ -79,7 +79,6 @@ def test_readme_commands_run_on_a_fresh_copy(tmp_path: Path) -> None:
         DS_ACCELERATOR="cpu",
         TORCH_EXTENSIONS_DIR=str(REPO / ".build" / "torch_extensions"),
         WANDB_MODE="offline",
-        OMP_NUM_THREADS="1",
     )
     ran = 0
     for cmds in blocks((REPO / "README.md").read_text(), "bash"):
