@@ -96,9 +96,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def check(folder: Path, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Every part present, of its size and SHA-256; PartError naming the first that is not."""
-    manifest = manifest or read_manifest(folder)
+def _present(folder: Path, manifest: dict[str, Any]) -> None:
+    """Every part there and of its size (cheap: no reading); PartError naming the first that is not."""
     total = len(manifest["parts"])
     for i, part in enumerate(manifest["parts"]):
         path = folder / part["name"]
@@ -108,37 +107,60 @@ def check(folder: Path, manifest: dict[str, Any] | None = None) -> dict[str, Any
         size = path.stat().st_size
         if size != part["bytes"]:
             raise PartError(f"{path}: {size} bytes, the manifest says {part['bytes']} ({where}); copy it again")
-        digest = sha256_file(path)
-        if digest != part["sha256"]:
-            raise PartError(
-                f"{path}: corrupt ({where}: SHA-256 {digest[:12]}..., manifest {part['sha256'][:12]}...); copy it again"
-            )
+
+
+def _check_digest(folder: Path, manifest: dict[str, Any], i: int, digest: str) -> None:
+    """PartError when part i's SHA-256 is not the manifest's."""
+    part = manifest["parts"][i]
+    if digest != part["sha256"]:
+        where = f"part {i + 1} of {len(manifest['parts'])}"
+        raise PartError(
+            f"{folder / part['name']}: corrupt ({where}: SHA-256 {digest[:12]}..., manifest {part['sha256'][:12]}...); "
+            "copy it again"
+        )
+
+
+def check(folder: Path, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every part present, of its size and SHA-256; PartError naming the first that is not."""
+    manifest = manifest or read_manifest(folder)
+    _present(folder, manifest)
+    for i, part in enumerate(manifest["parts"]):
+        _check_digest(folder, manifest, i, sha256_file(folder / part["name"]))
     return manifest
 
 
 def reassemble(folder: Path, dest: Path) -> list[Path]:
-    """Check the parts, rebuild the archive, unpack and verify every file into `dest`."""
-    manifest = check(folder)
-    dest.mkdir(parents=True, exist_ok=True)
-    archive = dest / f".{manifest['stem']}.tar"
-    whole = hashlib.sha256()
-    with open(archive, "wb") as out:
-        for part in manifest["parts"]:
-            with open(folder / part["name"], "rb") as f:
-                while block := f.read(CHUNK):
-                    whole.update(block)
-                    out.write(block)
-    if whole.hexdigest() != manifest["archive"]["sha256"]:  # parts each fine but not these parts
-        archive.unlink()
-        raise PartError(f"{folder}: the parts do not form the archive of {MANIFEST}; rebuild and copy them together")
-    names = {f["name"] for f in manifest["files"]}
-    with tarfile.open(archive) as tar:
-        members = tar.getmembers()
-        bad = [m.name for m in members if m.name not in names or not m.isfile()]
-        if bad:
-            raise PartError(f"{folder}: archive holds {bad[0]!r}, not listed in {MANIFEST}")
-        tar.extractall(dest, members=members, filter="data")
-    archive.unlink()
+    """Check the parts, rebuild the archive, unpack and verify every file into `dest`.
+
+    Each part is read once: hashed and appended to the archive (kept beside the parts until every part
+    and the whole archive check out, so a corrupt part leaves `dest` untouched)."""
+    manifest = read_manifest(folder)
+    _present(folder, manifest)
+    archive = folder / f".{manifest['stem']}.tar.partial"
+    try:
+        whole = hashlib.sha256()
+        with open(archive, "wb") as out:
+            for i, part in enumerate(manifest["parts"]):
+                h = hashlib.sha256()
+                with open(folder / part["name"], "rb") as f:
+                    while block := f.read(CHUNK):
+                        h.update(block)
+                        whole.update(block)
+                        out.write(block)
+                _check_digest(folder, manifest, i, h.hexdigest())
+        if whole.hexdigest() != manifest["archive"]["sha256"]:  # parts each fine but not these parts
+            msg = f"{folder}: the parts do not form the archive of {MANIFEST}; rebuild and copy them together"
+            raise PartError(msg)
+        dest.mkdir(parents=True, exist_ok=True)
+        names = {f["name"] for f in manifest["files"]}
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+            bad = [m.name for m in members if m.name not in names or not m.isfile()]
+            if bad:
+                raise PartError(f"{folder}: archive holds {bad[0]!r}, not listed in {MANIFEST}")
+            tar.extractall(dest, members=members, filter="data")
+    finally:
+        archive.unlink(missing_ok=True)
     paths = []
     for f in manifest["files"]:
         path = dest / f["name"]
