@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.derived import length_source
 from schema import ConfigError, check_one_of, check_range
 
 ID_MAPPINGS = ("hash", "modulo", "raw", "vocab")
@@ -155,7 +156,8 @@ class FeaturesConfig:
     """Column with the user id (int64), used for UAUC; empty disables UAUC."""
     dense: list[str] = field(default_factory=list)
     """Dense numeric columns (float or int). Null / NaN / inf values are missing: counted, and filled by
-    the model's dense input (the training mean; see dense_missing_flags)."""
+    the model's dense input (the training mean; see dense_missing_flags). 'len(c)' is derived: the number
+    of elements of list column c in the row (`pipeline.derived`)."""
     dense_transform: str = "auto"
     """Transform of every dense feature unless dense_transforms names it: 'auto' (heavy-tailed non-negative
     features -> 'log1p', else 'standardize'; the choice is printed and written to the run directory),
@@ -233,6 +235,13 @@ class FeaturesConfig:
                 )
 
         by_name = {sf.name: sf for sf in self.sparse}
+        for i, name in enumerate(self.dense):
+            src = length_source(name)
+            if src is not None and src in by_name and by_name[src].max_len == 1:
+                raise ConfigError(
+                    f"config key 'features.dense[{i}]' = {name!r}: {src!r} is a scalar sparse feature (max_len 1); "
+                    f"len() counts the elements of a list column"
+                )
         for i, sf in enumerate(self.sparse):
             if sf.pooling == "target_attention":
                 q = by_name.get(sf.target)

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import DataConfig, FeaturesConfig, SparseFeature
+from pipeline.derived import length_source, length_values
 from pipeline.ids import hash_strings, map_ids_into
 
 
@@ -227,7 +228,10 @@ def decode_piece(
     n = table.num_rows
     cols = {name: _one(col) for name, col in zip(table.column_names, table.columns)}
     health = _Health(n)
-    dense = [_dense_column(cols[name]) for name in features.dense]
+    dense = [
+        length_values(cols[src]) if (src := length_source(name)) else _dense_column(cols[name])
+        for name in features.dense
+    ]
     labels = [_column(cols[name], np.float32, health) for name in features.labels]
     user = _column(cols[features.user_id], np.int64, health) if features.user_id else None
     row = _column(cols[data.row_id_column], np.int64, health) if data.row_id_column else None

@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.derived import add_derived, physical_columns
 from pipeline.errors import DataError
 from pipeline.plan import DatasetPlan
 
@@ -239,7 +240,9 @@ def _hist_edges(lo: float, hi: float) -> tuple[float, float]:
 
 
 def read_columns(plan: DatasetPlan, names: list[str], units: list[int]) -> Iterator[pa.Table]:
-    """The columns `names` of each unit's rows, one row group at a time (file order)."""
+    """The columns `names` of each unit's rows, one row group at a time (file order); derived names
+    (`pipeline.derived`, e.g. 'len(hist_items)') are computed from their source columns."""
+    columns = physical_columns(names)
     by_file: dict[int, list[int]] = {}
     for i in units:
         by_file.setdefault(plan.units[i].file_index, []).append(i)
@@ -250,10 +253,10 @@ def read_columns(plan: DatasetPlan, names: list[str], units: list[int]) -> Itera
             for i in idx:
                 u = plan.units[i]
                 try:
-                    t = pf.read_row_group(u.row_group, columns=names).slice(u.start, u.num_rows)
+                    t = pf.read_row_group(u.row_group, columns=columns).slice(u.start, u.num_rows)
                 except (OSError, pa.ArrowException) as e:
                     raise DataError(f"{path}: row group {u.row_group}: {str(e).splitlines()[0]}") from None
-                yield t
+                yield add_derived(t, names)
 
 
 def _finite(col: pa.ChunkedArray) -> tuple[np.ndarray, int]:

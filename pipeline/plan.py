@@ -32,6 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.config import BAD_FILE_POLICIES, DataConfig, FeaturesConfig
+from pipeline.derived import length_source, physical_columns
 from pipeline.errors import DataError
 
 __all__ = ["DataError", "DatasetPlan", "WorkUnit", "carve_tail", "plan_dataset", "resolve_files", "required_columns"]
@@ -161,8 +162,9 @@ def resolve_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
 
 
 def required_columns(data: DataConfig, features: FeaturesConfig) -> list[str]:
-    """Every column the pipeline reads, each once: labels, dense, sparse, user id, item id, row id."""
-    cols = [*features.labels, *features.dense, *(sf.name for sf in features.sparse)]
+    """Every column the pipeline reads, each once: labels, dense, sparse, user id, item id, row id (a
+    derived dense feature such as 'len(hist_items)' reads its source, `pipeline.derived`)."""
+    cols = [*features.labels, *physical_columns(features.dense), *(sf.name for sf in features.sparse)]
     cols += [c for c in (features.user_id, features.item_id, data.row_id_column) if c]
     seen: set[str] = set()
     return [c for c in cols if not (c in seen or seen.add(c))]
@@ -187,7 +189,11 @@ def _expected(data: DataConfig, features: FeaturesConfig) -> dict[str, tuple[str
     for c in features.labels:
         out[c] = ("a label (int, float or bool)", lambda t: num(t) or pa.types.is_boolean(t))
     for c in features.dense:
-        out[c] = ("a dense feature (float or int)", num)
+        src = length_source(c)
+        if src is None:
+            out[c] = ("a dense feature (float or int)", num)
+        else:
+            out[src] = (f"a list column (dense feature '{c}' counts its elements)", _is_list)
     for sf in features.sparse:
         scalar = _is_str if sf.dtype == "string" else _is_int
         if sf.max_len > 1:
