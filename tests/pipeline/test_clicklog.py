@@ -122,8 +122,10 @@ def test_recsys_config_reads_the_log(log):
         num_workers=0, vocabs=vocabs,
     )  # fmt: skip
     b = next(iter(loader))
-    assert b.labels.shape == (64, 1) and b.dense.shape == (64, 1)
-    assert b.sparse.to_dict()["hist_items"].lengths().max() <= HISTORY
+    assert b.labels.shape == (64, 1) and b.dense.shape == (64, 2)  # hist_count, len(hist_items)
+    hist = b.sparse.to_dict()["hist_items"]
+    assert hist.lengths().max() <= HISTORY
+    assert np.array_equal(b.dense[:, 1].numpy(), hist.lengths().numpy())  # histories are never longer than max_len
 
 
 # --- MovieLens: a hand-written GroupLens fixture ------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""configs/recsys.toml (the click-log recipe: id vocabularies, OOV dropout, target attention) end to end on
-2 ranks over a generated time-ordered log: the vocabularies travel with the best checkpoint into
-`evaluate` and with the artifact into `predict`, ids map the same way everywhere (unseen ids to the OOV
-row), the report carries the trivial baselines and says when the model is below them."""
+"""configs/recsys.toml (the click-log recipe: id vocabularies, OOV dropout, target attention, the derived
+dense feature len(hist_items)) end to end on 2 ranks over a generated time-ordered log: the vocabularies
+travel with the best checkpoint into `evaluate` and with the artifact into `predict`, ids map the same
+way everywhere (unseen ids to the OOV row), the report carries the trivial baselines and says when the
+model is below them."""
 
 from __future__ import annotations
 
@@ -64,6 +65,11 @@ def test_recipe_vocab_travels_into_evaluate_export_and_predict(dist_pool, log: P
     assert set(base) == {"global_prior", "popularity", "item_positives", "item_ctr"}
     assert base["global_prior"]["click"]["auc"] == pytest.approx(0.5)
     assert isinstance(summary["below_prior"], list)
+    # the derived len(hist_items): statistics over the training rows before the carve (file order = time)
+    stats = json.loads((run / "dense_preprocess.json").read_text())["len(hist_items)"]["stats"]
+    lens = np.array([len(h) for h in _raw(log / "train", "hist_items")], dtype=np.float64)
+    assert 0 < stats["count"] < len(lens) and stats["max"] <= 20
+    assert stats["mean"] == pytest.approx(lens[: stats["count"]].mean(), rel=1e-6)
 
     result = evaluate(["--run", str(run)])  # the best checkpoint, its vocabularies, unsharded tables
     # the same scores up to float summation order (sharded vs unsharded pooling): same histogram AUC
