@@ -69,6 +69,11 @@ def validate_job(cfg: JobConfig, world_size: int = 1) -> None:
         moe.validate()
         if not m.name.startswith("rankmixer"):
             raise ConfigError(f"moe.enabled needs a RankMixer model, not model.name = {m.name!r}")
+        if m.ffn_activation != "gelu":
+            raise ConfigError(
+                f"model.ffn_activation = {m.ffn_activation!r} applies to the dense FFN; with moe.enabled the "
+                "experts are GELU FFNs: set it to 'gelu' or moe.enabled = false"
+            )
     ep = cfg.parallelism.ep_size
     if world_size % ep:
         raise ConfigError(f"parallelism.ep_size ({ep}) must divide the world size ({world_size})")

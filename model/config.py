@@ -41,8 +41,11 @@ class DenseInputSpec:
 
 
 MIXINGS = ("paper", "article")
-TOKENIZATIONS = ("slices", "groups")
 """`model.mixing`."""
+TOKENIZATIONS = ("slices", "groups")
+"""`model.tokenization`."""
+FFN_ACTIVATIONS = ("gelu", "geglu")
+"""`model.ffn_activation`."""
 ROUTERS = ("relu", "topk")
 """`moe.router`."""
 
@@ -61,6 +64,11 @@ class ModelConfig:
     """L: RankMixer blocks."""
     ffn_mult: int = 4
     """k: per-token FFN hidden width is k x D."""
+    ffn_activation: str = "gelu"
+    """RankMixer's dense FFN (per-token, or shared): 'gelu' (the paper, v = W2 GELU(W1 s)) or 'geglu'
+    (v = W2 (GELU(W1a s) * W1b s), a gated unit with 1.5x the FFN's parameters and FLOPs: the product of
+    two projections of a mixed token multiplies features of different groups). The baselines have no
+    such FFN and ignore it (as they ignore ffn_mult); with moe.enabled it must stay 'gelu'."""
     mixing: str = "paper"
     """'paper' (parameter-free multi-head token mixing) or 'article' (linear + GELU per head, then a
     projection, as in the seed article)."""
@@ -99,6 +107,7 @@ class ModelConfig:
         check_one_of(self.name, MODEL_NAMES, "model.name")
         check_one_of(self.mixing, MIXINGS, "model.mixing")
         check_one_of(self.tokenization, TOKENIZATIONS, "model.tokenization")
+        check_one_of(self.ffn_activation, FFN_ACTIVATIONS, "model.ffn_activation")
         for name in ("num_tokens", "d_model", "num_layers", "ffn_mult", "dense_proj_dim"):
             check_range(getattr(self, name), f"model.{name}", min=1)
         check_range(self.cross_layers, "model.cross_layers", min=0)

@@ -105,6 +105,11 @@ class RankMixer(nn.Module):
             raise ValueError(f"model/rankmixer.py: mixer must be one of {MIXERS}, got {mixer!r}")
         if model.mixing not in MIXINGS:
             raise ValueError(f"model/rankmixer.py: model.mixing must be one of {MIXINGS}, got {model.mixing!r}")
+        if moe.enabled and model.ffn_activation != "gelu":
+            raise ValueError(
+                f"model/rankmixer.py: model.ffn_activation = {model.ffn_activation!r} applies to the dense FFN; "
+                "with moe.enabled the experts are GELU FFNs (set it to 'gelu')"
+            )
         if num_tasks < 1:
             raise ValueError(f"model/rankmixer.py: num_tasks (label columns) must be >= 1, got {num_tasks}")
         gen = torch.Generator().manual_seed(seed)
@@ -123,9 +128,9 @@ class RankMixer(nn.Module):
             if moe.enabled:
                 ffn: nn.Module = PerTokenMoE(T, D, moe, layer=layer, seed=seed, gen=gen)
             elif shared_ffn:
-                ffn = SharedFFN(T, D, k, gen, dropout=model.dropout)
+                ffn = SharedFFN(T, D, k, gen, dropout=model.dropout, activation=model.ffn_activation)
             else:
-                ffn = PerTokenFFN(T, D, k, gen, dropout=model.dropout)
+                ffn = PerTokenFFN(T, D, k, gen, dropout=model.dropout, activation=model.ffn_activation)
             blocks.append(Block(mix, ffn, D))
         self.blocks = nn.ModuleList(blocks)
         self.towers = Towers(D, list(model.tower_hidden), num_tasks, gen, model.dropout, model.batch_norm)

@@ -89,6 +89,8 @@ def test_wrong_types_name_the_key(tmp_path: Path) -> None:
         (["--model.tower_hidden", "[0]"], 1, "model.tower_hidden widths"),
         (["--embeddings.sharding", "data_parallel"], 1, "embeddings.sharding"),
         (["--model.tokenization", "words"], 1, "model.tokenization"),
+        (["--model.ffn_activation", "swiglu"], 1, "model.ffn_activation"),
+        (["--model.ffn_activation", "geglu"], 1, "model.ffn_activation = 'geglu' applies to the dense FFN"),
         (["--model.tokenization", "groups"], 1, r"model.num_tokens \(4\) must be >= the 5 groups"),
     ],
 )

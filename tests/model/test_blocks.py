@@ -105,6 +105,46 @@ def test_per_token_ffn_equals_separate_linears_outputs_and_gradients() -> None:
         torch.testing.assert_close(ffn.b2.grad[t, 0], ref[2].bias.grad)
 
 
+class _GEGLURef(nn.Module):
+    """v = W2 (GELU(W1a s + b1a) * (W1b s + b1b)) + b2 with plain nn.Linear layers (one token)."""
+
+    def __init__(self, d: int, m: int) -> None:
+        super().__init__()
+        self.value, self.gate, self.out = nn.Linear(d, m), nn.Linear(d, m), nn.Linear(m, d)
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return self.out(F.gelu(self.value(s)) * self.gate(s))
+
+
+def test_per_token_geglu_equals_separate_gated_units_outputs_and_gradients() -> None:
+    k = 2
+    M = k * D
+    ffn = PerTokenFFN(T, D, k, _gen(), activation="geglu")
+    assert ffn.w1.shape == (T, D, 2 * M) and ffn.w2.shape == (T, M, D)
+    refs = nn.ModuleList(_GEGLURef(D, M) for _ in range(T))
+    with torch.no_grad():
+        for t, ref in enumerate(refs):
+            ref.value.weight.copy_(ffn.w1[t, :, :M].T)
+            ref.value.bias.copy_(ffn.b1[t, 0, :M])
+            ref.gate.weight.copy_(ffn.w1[t, :, M:].T)
+            ref.gate.bias.copy_(ffn.b1[t, 0, M:])
+            ref.out.weight.copy_(ffn.w2[t].T)
+            ref.out.bias.copy_(ffn.b2[t, 0])
+    x_TBD = torch.randn(T, B, D, generator=_gen(1), requires_grad=True)
+    x_ref = x_TBD.detach().clone().requires_grad_(True)
+    y = ffn(x_TBD)
+    y_ref = torch.stack([refs[t](x_ref[t]) for t in range(T)])
+    torch.testing.assert_close(y, y_ref)
+    w_TBD = torch.randn(T, B, D, generator=_gen(2))
+    (y * w_TBD).sum().backward()
+    (y_ref * w_TBD).sum().backward()
+    torch.testing.assert_close(x_TBD.grad, x_ref.grad)
+    for t, ref in enumerate(refs):
+        torch.testing.assert_close(ffn.w1.grad[t, :, M:], ref.gate.weight.grad.T)
+        torch.testing.assert_close(ffn.w1.grad[t, :, :M], ref.value.weight.grad.T)
+    assert ffn.flops_per_sample() == 1.5 * PerTokenFFN(T, D, k, _gen()).flops_per_sample()
+
+
 def test_shared_ffn_applies_the_same_weights_to_every_token() -> None:
     ffn = SharedFFN(T, D, 2, _gen())
     x_TBD = torch.randn(1, B, D, generator=_gen(1)).expand(T, B, D)

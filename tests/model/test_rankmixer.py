@@ -39,6 +39,8 @@ VARIANTS: dict[str, tuple[ModelConfig, MoEConfig]] = {
     **{name: (_cfg(name), MoEConfig()) for name in MODELS},
     "article_mixing_pos": (_cfg(mixing="article", group_pos_emb=True, token_pos_emb=True), MoEConfig()),
     "shared_projection": (_cfg(shared_projection=True), MoEConfig()),
+    "geglu": (_cfg(ffn_activation="geglu"), MoEConfig()),
+    "shared_ffn_geglu": (_cfg("rankmixer_shared_ffn", ffn_activation="geglu"), MoEConfig()),
     "moe_relu": (_cfg(), MoEConfig(enabled=True, num_experts=3, expert_mult=2)),
     "moe_topk": (_cfg(), MoEConfig(enabled=True, num_experts=3, router="topk", top_k=2)),
 }
