@@ -8,7 +8,9 @@ n x n x n matmuls, n = 2048, plus one more between every timed train step):
    blocks; batch 512; forward + backward; FLOPs from the analytic counter).
 2. One RankMixer block (token mixing + per-token FFN) against one self-attention block (fused QKV +
    F.scaled_dot_product_attention + per-token FFN) of the same T, D, k and batch, forward + backward,
-   at k = 4 and k = 2: time ratio (attention / mixing) against the analytic FLOPs ratio.
+   at k = 4 and k = 2: time ratio (attention / mixing) against the analytic FLOPs ratio; and the
+   block with a GEGLU FFN (`model.ffn_activation = "geglu"`, the click-log recipe's) against the GELU
+   one, at the 100M shape and at the recipe's (T 8, D 64), k = 4: time ratio against the FLOPs ratio 1.5.
 3. Sparse inference (zero-gate experts skipped) against dense inference (all experts computed) of the
    same per-token MoE model (100M shape, 4 experts of k_e = 1 per token), whose randomly initialised
    ReLU routers are tuned (per-expert bias at the 3/4 quantile of a calibration batch) to activation 1/4.
@@ -107,23 +109,44 @@ def _block_step(block: nn.Module, x_TBD: torch.Tensor, w_TBD: torch.Tensor) -> C
     return step
 
 
+def _time_blocks(a: Block, b: Block, T: int, D: int, batch: int, reps: int) -> tuple[float, float, float, float]:
+    """Best forward + backward times of two blocks on the same T x batch x D input, interleaved, and
+    their model GFLOP/s (training = 3 x forward FLOPs): (t_a, t_b, gflops_a, gflops_b)."""
+    gen = torch.Generator().manual_seed(1)
+    x_TBD = torch.randn(T, batch, D, generator=gen)
+    w_TBD = torch.randn(T, batch, D, generator=gen)
+    t_a, t_b = best_times([_block_step(a, x_TBD, w_TBD), _block_step(b, x_TBD, w_TBD)], reps)
+    return t_a, t_b, 3 * a.flops_per_sample() * batch / t_a / 1e9, 3 * b.flops_per_sample() * batch / t_b / 1e9
+
+
 def bench_blocks(k: int, batch: int, reps: int, T: int = 16, D: int = 768) -> dict[str, float]:
     """Mixing block vs self-attention block (forward + backward) at FFN multiplier k."""
     gen = torch.Generator().manual_seed(0)
     mixing = Block(TokenMixing(T, D), PerTokenFFN(T, D, k, gen), D)
     attention = Block(SelfAttention(T, D, 0, gen), PerTokenFFN(T, D, k, gen), D)
-    x_TBD = torch.randn(T, batch, D, generator=gen)
-    w_TBD = torch.randn(T, batch, D, generator=gen)
-    t_mix, t_att = best_times([_block_step(mixing, x_TBD, w_TBD), _block_step(attention, x_TBD, w_TBD)], reps)
-    f_mix = 3 * mixing.flops_per_sample() * batch
-    f_att = 3 * attention.flops_per_sample() * batch
+    t_mix, t_att, g_mix, g_att = _time_blocks(mixing, attention, T, D, batch, reps)
     return {
         "mixing_s": t_mix,
         "attention_s": t_att,
-        "mixing_gflops": f_mix / t_mix / 1e9,
-        "attention_gflops": f_att / t_att / 1e9,
+        "mixing_gflops": g_mix,
+        "attention_gflops": g_att,
         "speedup": t_att / t_mix,
-        "flops_ratio": f_att / f_mix,
+        "flops_ratio": attention.flops_per_sample() / mixing.flops_per_sample(),
+    }
+
+
+def bench_geglu(batch: int, reps: int, T: int, D: int, k: int = 4) -> dict[str, float]:
+    """A mixing block with the GEGLU per-token FFN (`model.ffn_activation = "geglu"`) against the same
+    block with the paper's GELU FFN, forward + backward: time ratio against the analytic FLOPs ratio."""
+    gen = torch.Generator().manual_seed(0)
+    gelu = Block(TokenMixing(T, D), PerTokenFFN(T, D, k, gen), D)
+    geglu = Block(TokenMixing(T, D), PerTokenFFN(T, D, k, gen, activation="geglu"), D)
+    t_gelu, t_geglu, g_gelu, g_geglu = _time_blocks(gelu, geglu, T, D, batch, reps)
+    return {
+        "time_ratio": t_geglu / t_gelu,
+        "flops_ratio": geglu.flops_per_sample() / gelu.flops_per_sample(),
+        "gelu_gflops": g_gelu,
+        "geglu_gflops": g_geglu,
     }
 
 
@@ -227,6 +250,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     k4 = bench_blocks(4, args.batch, args.reps)
     k2 = bench_blocks(2, args.batch, args.reps)
     sp = bench_sparse_inference(args.batch, args.reps)
+    glu = {
+        "100m": bench_geglu(args.batch, args.reps, T=16, D=768),
+        "recsys": bench_geglu(args.batch, args.reps, T=8, D=64),
+    }
     res = {
         "threads": float(torch.get_num_threads()),
         "batch": float(args.batch),
@@ -248,6 +275,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "sparse_gflops": sp["sparse_gflops"],
         "dense_inference_gflops": sp["dense_gflops"],
     }
+    for shape, g in glu.items():
+        res[f"geglu_vs_gelu_time_ratio_{shape}"] = g["time_ratio"]
+        res[f"geglu_vs_gelu_flops_ratio_{shape}"] = g["flops_ratio"]
+        res[f"geglu_gflops_{shape}"] = g["geglu_gflops"]
+        res[f"gelu_gflops_{shape}"] = g["gelu_gflops"]
     res["total_s"] = time.perf_counter() - t_start
     print(f"bench.model  fp32 CPU  threads={int(res['threads'])}  batch={args.batch}  best of {args.reps}")
     print(f"  GEMM peak (2048^3, best of all)    {res['peak_gflops']:8.1f} GFLOP/s")
@@ -267,6 +299,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"activation {res['sparse_activation']:.3f}  sparse {res['sparse_gflops']:.1f} / dense "
         f"{res['dense_inference_gflops']:.1f} GFLOP/s (model FLOPs)"
     )
+    for shape, label in (("100m", "T=16 D=768"), ("recsys", "T=8 D=64  ")):
+        print(
+            f"  GEGLU vs GELU block, {label}    time ratio {res[f'geglu_vs_gelu_time_ratio_{shape}']:.2f}  FLOPs "
+            f"ratio {res[f'geglu_vs_gelu_flops_ratio_{shape}']:.2f}  GEGLU {res[f'geglu_gflops_{shape}']:.1f} / "
+            f"GELU {res[f'gelu_gflops_{shape}']:.1f} GFLOP/s"
+        )
     if args.dtsi:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # tiny shapes
