@@ -119,7 +119,11 @@ def trainer_suite(device: torch.device, steps: int, config: Path, rows: int, com
         "wandb_offline_files": len(wandb_files),
         "eval": s["eval"],
         "launch_wall_s": wall,
-        "evaluate": {"wall_s": t_eval, "auc": {k: v["auc"] for k, v in evaluated.items()}},
+        "evaluate": {
+            "wall_s": t_eval,
+            "auc": {k: v["auc"] for k, v in evaluated.items()},
+            "auc_bound": {k: v.get("auc_bound", 0.0) for k, v in evaluated.items()},
+        },
         "export_wall_s": t_export,
         "predict_wall_s": t_predict,
         "fp32_vs_cpu": {

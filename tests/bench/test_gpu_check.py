@@ -36,7 +36,10 @@ def test_cpu_smoke_every_part(tmp_path: Path) -> None:
     tr = res["trainer"]  # (b): launch.train under torchrun, 1 process, gloo; then serving; then device vs CPU
     assert tr["steps"] == 3 and tr["samples_per_s"] > 0 and tr["mfu"] > 0 and tr["table_kernels"] == ["fused"]
     assert set(tr["eval"]) == {"click", "finish"} and tr["wandb_offline_files"] == 1
-    assert tr["evaluate"]["auc"]["click"] == pytest.approx(tr["eval"]["click"]["auc"], abs=1e-6)
+    # evaluate scores with unsharded tables: the same scores to fp32 rounding, so the two histogram AUCs
+    # agree within their stated bounds (a score on a bin edge may land in the neighbouring bin)
+    bound = tr["eval"]["click"]["auc_bound"] + tr["evaluate"]["auc_bound"]["click"]
+    assert abs(tr["evaluate"]["auc"]["click"] - tr["eval"]["click"]["auc"]) <= bound + 1e-9
     assert tr["export_wall_s"] > 0 and tr["predict_wall_s"] > 0
     cmp = tr["fp32_vs_cpu"]  # on a CPU host both runs are CPU runs: identical
     assert cmp["agree"] and cmp["max_loss_diff"] == 0 and max(cmp["auc_diff"].values()) == 0
