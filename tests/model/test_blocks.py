@@ -79,6 +79,20 @@ def test_self_attention_matches_multihead_attention() -> None:
     torch.testing.assert_close(att(x_TBD), mha(x_TBD, x_TBD, x_TBD, need_weights=False)[0])
 
 
+def _outputs_and_input_grads_agree(ffn: nn.Module, refs: nn.ModuleList) -> None:
+    """ffn (T x B x D -> T x B x D) against T per-token reference modules: the same outputs, and after one
+    backward of a random projection the same input gradients (parameter gradients are left for the caller)."""
+    x_TBD = torch.randn(T, B, D, generator=_gen(1), requires_grad=True)
+    x_ref = x_TBD.detach().clone().requires_grad_(True)
+    y = ffn(x_TBD)
+    y_ref = torch.stack([refs[t](x_ref[t]) for t in range(T)])
+    torch.testing.assert_close(y, y_ref)
+    w_TBD = torch.randn(T, B, D, generator=_gen(2))
+    (y * w_TBD).sum().backward()
+    (y_ref * w_TBD).sum().backward()
+    torch.testing.assert_close(x_TBD.grad, x_ref.grad)
+
+
 def test_per_token_ffn_equals_separate_linears_outputs_and_gradients() -> None:
     k = 2
     ffn = PerTokenFFN(T, D, k, _gen())
@@ -89,15 +103,7 @@ def test_per_token_ffn_equals_separate_linears_outputs_and_gradients() -> None:
             ref[0].bias.copy_(ffn.b1[t, 0])
             ref[2].weight.copy_(ffn.w2[t].T)
             ref[2].bias.copy_(ffn.b2[t, 0])
-    x_TBD = torch.randn(T, B, D, generator=_gen(1), requires_grad=True)
-    x_ref = x_TBD.detach().clone().requires_grad_(True)
-    y = ffn(x_TBD)
-    y_ref = torch.stack([refs[t](x_ref[t]) for t in range(T)])
-    torch.testing.assert_close(y, y_ref)
-    w_TBD = torch.randn(T, B, D, generator=_gen(2))
-    (y * w_TBD).sum().backward()
-    (y_ref * w_TBD).sum().backward()
-    torch.testing.assert_close(x_TBD.grad, x_ref.grad)
+    _outputs_and_input_grads_agree(ffn, refs)
     for t, ref in enumerate(refs):
         torch.testing.assert_close(ffn.w1.grad[t], ref[0].weight.grad.T)
         torch.testing.assert_close(ffn.b1.grad[t, 0], ref[0].bias.grad)
@@ -130,18 +136,14 @@ def test_per_token_geglu_equals_separate_gated_units_outputs_and_gradients() -> 
             ref.gate.bias.copy_(ffn.b1[t, 0, M:])
             ref.out.weight.copy_(ffn.w2[t].T)
             ref.out.bias.copy_(ffn.b2[t, 0])
-    x_TBD = torch.randn(T, B, D, generator=_gen(1), requires_grad=True)
-    x_ref = x_TBD.detach().clone().requires_grad_(True)
-    y = ffn(x_TBD)
-    y_ref = torch.stack([refs[t](x_ref[t]) for t in range(T)])
-    torch.testing.assert_close(y, y_ref)
-    w_TBD = torch.randn(T, B, D, generator=_gen(2))
-    (y * w_TBD).sum().backward()
-    (y_ref * w_TBD).sum().backward()
-    torch.testing.assert_close(x_TBD.grad, x_ref.grad)
+    _outputs_and_input_grads_agree(ffn, refs)
     for t, ref in enumerate(refs):
         torch.testing.assert_close(ffn.w1.grad[t, :, M:], ref.gate.weight.grad.T)
         torch.testing.assert_close(ffn.w1.grad[t, :, :M], ref.value.weight.grad.T)
+        torch.testing.assert_close(ffn.b1.grad[t, 0, M:], ref.gate.bias.grad)
+        torch.testing.assert_close(ffn.b1.grad[t, 0, :M], ref.value.bias.grad)
+        torch.testing.assert_close(ffn.w2.grad[t], ref.out.weight.grad.T)
+        torch.testing.assert_close(ffn.b2.grad[t, 0], ref.out.bias.grad)
     assert ffn.flops_per_sample() == 1.5 * PerTokenFFN(T, D, k, _gen()).flops_per_sample()
 
 
