@@ -21,7 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.config import FFN_ACTIVATIONS
 from model.init import uniform_param
+
+
+def is_glu(activation: str) -> bool:
+    """Whether `activation` (one of FFN_ACTIVATIONS) is the gated GEGLU; an unknown name is a ValueError
+    (a typo must not silently build a GELU FFN)."""
+    if activation not in FFN_ACTIVATIONS:
+        raise ValueError(f"model/ffn.py: activation must be one of {FFN_ACTIVATIONS}, got {activation!r}")
+    return activation == "geglu"
 
 
 def activate(h_NW: Tensor, glu: bool) -> Tensor:
@@ -70,7 +79,7 @@ class PerTokenFFN(nn.Module):
         super().__init__()
         T, D, M = num_tokens, d_model, mult * d_model
         self.num_tokens, self.d_model, self.mult = T, D, mult
-        self.glu = activation == "geglu"
+        self.glu = is_glu(activation)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         W = 2 * M if self.glu else M  # GEGLU: value and gate columns side by side
         self.w1 = uniform_param((T, D, W), D, gen)  # T x D x W (in x out, token-major)
@@ -112,7 +121,7 @@ class SharedFFN(nn.Module):
         super().__init__()
         D, M = d_model, mult * d_model
         self.num_tokens, self.d_model, self.mult = num_tokens, D, mult
-        self.glu = activation == "geglu"
+        self.glu = is_glu(activation)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         W = 2 * M if self.glu else M
         self.w1 = uniform_param((D, W), D, gen)

@@ -147,6 +147,12 @@ def test_per_token_geglu_equals_separate_gated_units_outputs_and_gradients() -> 
     assert ffn.flops_per_sample() == 1.5 * PerTokenFFN(T, D, k, _gen()).flops_per_sample()
 
 
+@pytest.mark.parametrize("cls", [PerTokenFFN, SharedFFN])
+def test_unknown_ffn_activation_is_refused(cls: type) -> None:
+    with pytest.raises(ValueError, match="swiglu"):
+        cls(T, D, 2, _gen(), activation="swiglu")
+
+
 def test_shared_ffn_applies_the_same_weights_to_every_token() -> None:
     ffn = SharedFFN(T, D, 2, _gen())
     x_TBD = torch.randn(1, B, D, generator=_gen(1)).expand(T, B, D)
