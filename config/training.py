@@ -51,6 +51,11 @@ class TrainingConfig:
     """Final learning rate as a fraction of the peak."""
     grad_clip: float = 1.0
     """Global gradient-norm clip of the dense parameters; 0 disables."""
+    ema_decay: float = 0.0
+    """Exponential moving average of the dense model's weights (`train.ema`), in [0, 1); 0 = off. With it,
+    validation, data.eval, the checkpoints' weights (best included) and so evaluate / export / predict use
+    the averaged weights; training continues on its own. Bias-corrected like Adam's moments (the initial
+    weights never enter it). The embedding tables are not averaged."""
     log_every: int = 10
     """Steps between log lines and metrics.jsonl rows."""
     eval_every: int = 0
@@ -96,6 +101,7 @@ class TrainingConfig:
         check_range(self.weight_decay, "training.weight_decay", min=0.0)
         check_range(self.min_lr_ratio, "training.min_lr_ratio", min=0.0, max=1.0)
         check_range(self.grad_clip, "training.grad_clip", min=0.0)
+        check_range(self.ema_decay, "training.ema_decay", min=0.0, max=1.0, max_open=True)
         check_range(self.log_every, "training.log_every", min=1)
         check_range(self.keep_last, "training.keep_last", min=1)
         for name in ("warmup_steps", "eval_every", "eval_batches", "checkpoint_every"):

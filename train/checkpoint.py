@@ -48,6 +48,7 @@ from embeddings.checkpoint import load_sparse, save_sparse
 from model.moe import moe_layers
 from parallel.distributed import all_gather_object, barrier, broadcast_object
 from parallel.layout import ParallelLayout
+from train.ema import WeightEMA
 
 
 @dataclass
@@ -71,6 +72,9 @@ class CheckpointParts:
     files: dict[str, Path] = field(default_factory=dict)
     """Run-level files copied into every checkpoint under these names (the id vocabularies), listed and
     verified like the rest."""
+    ema: WeightEMA | None = None
+    """The average of the dense weights (`training.ema_decay`): checkpoints store the averaged weights as the
+    model's and the training weights in each rank's state file."""
 
 
 def resolve_resume(resume: str, root: Path) -> Path | None:
@@ -201,17 +205,19 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         barrier()
         save_sparse(p.dmp, str(tmp / SPARSE_DIR))
-        if lay.is_main:
-            save_file(_dense_tensors(p.model), str(tmp / DENSE_FILE))
-            for rel, src in p.files.items():
-                shutil.copyfile(src, tmp / rel)
-        experts, positions = _expert_tensors(p.model)
-        if experts and lay.expert_dp_rank == 0:
-            save_file(experts, str(tmp / experts_file(lay.ep_rank)), metadata={"positions": json.dumps(positions)})
-        torch.save(
-            {"optimizer": p.optimizer.state_dict(), "rng": _rng_state(), "trainer": trainer_state},
-            tmp / rank_state_file(lay.rank),
-        )
+        ema = p.ema or WeightEMA(p.model, 0.0)
+        with ema.applied() as training_weights:  # the model's files get the averaged weights
+            if lay.is_main:
+                save_file(_dense_tensors(p.model), str(tmp / DENSE_FILE))
+                for rel, src in p.files.items():
+                    shutil.copyfile(src, tmp / rel)
+            experts, positions = _expert_tensors(p.model)
+            if experts and lay.expert_dp_rank == 0:
+                save_file(experts, str(tmp / experts_file(lay.ep_rank)), metadata={"positions": json.dumps(positions)})
+            state = {"optimizer": p.optimizer.state_dict(), "rng": _rng_state(), "trainer": trainer_state}
+            if training_weights:
+                state["ema"] = ema.training_state(training_weights)
+            torch.save(state, tmp / rank_state_file(lay.rank))
         barrier()
         names = checkpoint_files(tmp)  # every rank hashes a share of the files, rank 0 lists them all
         share = {rel: file_digest(tmp / rel) for rel in names[lay.rank :: lay.world_size]}
@@ -317,6 +323,8 @@ class CheckpointManager:
         state = torch.load(state_file, map_location="cpu", weights_only=True)
         p.optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
+        # the files held the averaged weights: they become the average again, the training weights the model's
+        (p.ema or WeightEMA(p.model, 0.0)).load_training_state(state.get("ema"), str(state_file))
         if not same_layout:
             state["trainer"]["loader"] = None  # positions are per rank: the trainer checks and explains
         return meta, state["trainer"]

@@ -8,7 +8,8 @@
     loss = sum_k BCE_k(logits_BK, labels_BK; weights_B) + reg_loss (MoE) + sum_f l2_f / 2 x mean ||sparse_BI[f]||^2
     engine.backward(loss): dense grads reduced, expert grads over the expert-data-parallel group, the
         embedding grads reach the tables, whose fused optimizer steps inside backward
-    clip by the global norm -> engine.step() -> MoE L1 controller on the activation averaged over ranks
+    clip by the global norm -> engine.step() -> the weights' moving average (training.ema_decay) -> MoE L1
+        controller on the activation averaged over ranks
 
 Legend: B batch per rank, I pooled-embedding width, F dense features, K tasks.
 """
@@ -31,6 +32,7 @@ from parallel.dense_engine import clip_grad_norm_, set_dense_lr
 from parallel.distributed import all_reduce_sum
 from parallel.layout import Parallelized
 from pipeline.batch import Batch
+from train.ema import WeightEMA
 from train.schedule import lr_factor
 
 
@@ -41,10 +43,11 @@ class TrainStep:
         cfg: the job config.
         par: the parallelized model (`parallel.layout.parallelize`).
         total_steps: steps of the whole run (the learning-rate schedule's length).
+        ema: the moving average of the dense weights, updated after every optimizer step (None: none).
     """
 
-    def __init__(self, cfg: JobConfig, par: Parallelized, total_steps: int) -> None:
-        self.cfg, self.par, self.total_steps = cfg, par, total_steps
+    def __init__(self, cfg: JobConfig, par: Parallelized, total_steps: int, ema: WeightEMA | None = None) -> None:
+        self.cfg, self.par, self.total_steps, self.ema = cfg, par, total_steps, ema
         self.tasks = list(cfg.features.labels)
         self.has_moe = bool(train_activation(par.model))
         emb = cfg.embeddings
@@ -100,6 +103,8 @@ class TrainStep:
         par = self.par
         grad_norm = clip_grad_norm_(par.model, self.cfg.training.grad_clip)
         par.engine.step()
+        if self.ema is not None:
+            self.ema.update()
         if self.has_moe:  # lambda must stay identical on every rank: steer it by the activation averaged over ranks
             world = par.layout.world_size
             active = all_reduce_sum(train_activation(par.model), par.layout.device)

@@ -50,6 +50,7 @@ from train.checkpoint import (
     check_config_drift,
 )
 from train.data_stages import check_vocabs, dense_choices, vocabularies
+from train.ema import WeightEMA
 from train.pipeline import PrefetchLoader
 from train.rundir import Preempted, Preemption, drop_rows_after
 from train.step import TrainStep
@@ -117,7 +118,8 @@ class Trainer:
         self.par = parallelize(cfg, info, sparse_arch, model, self.run_dir)
         self.layout, self.dmp, self.engine, self.model = self.par.layout, self.par.dmp, self.par.engine, self.par.model
         self.plan_report = self.par.plan_report
-        self.step_fn = TrainStep(cfg, self.par, self.total_steps)
+        self.ema = WeightEMA(self.model, t.ema_decay)  # training.ema_decay = 0: off
+        self.step_fn = TrainStep(cfg, self.par, self.total_steps, self.ema)
         # batch i+1 copied and its input dist started while step i computes (training.pipeline)
         self.loader = PrefetchLoader(self.loader, self.device, self.dmp, enabled=t.pipeline)
         self.ckpt = CheckpointManager(
@@ -129,6 +131,7 @@ class Trainer:
                 self.layout,
                 cfg.model.name,
                 files={vocab.VOCAB_FILE: self.run_dir / vocab.VOCAB_FILE} if self.vocabs else {},
+                ema=self.ema,
             ),  # fmt: skip
             keep_last=t.keep_last,
             config=cfg.to_dict(),
@@ -195,7 +198,8 @@ class Trainer:
             return {}
         average_buffers(self.model)
         loader = self._loader(plan, train=False)
-        return evaluate_split(self.step_fn, loader, self.tasks, self.device, self.cfg.training.eval_batches)
+        with self.ema.applied():  # training.ema_decay: the averaged weights are the ones scored
+            return evaluate_split(self.step_fn, loader, self.tasks, self.device, self.cfg.training.eval_batches)
 
     def _validate(self) -> None:
         """Score the validation rows, follow the metric, keep the best checkpoint. Collective."""
@@ -368,6 +372,7 @@ class Trainer:
         if self.valid_plan is not None and (not self.tracker.curve or self.tracker.curve[-1]["step"] != self.step):
             self._validate()  # the run's last weights are validated too
         self.save()
+        self.ema.finalize()  # the run ends with the averaged weights (the best checkpoint holds them too)
         best = self.ckpt_root / BEST_DIR
         if self.valid_plan is not None and t.restore_best and self.tracker.best_step is not None:
             self.ckpt.load_weights(best)  # end with the best validation weights: what data.eval scores

@@ -38,11 +38,11 @@ def losses(run_dir: str) -> dict[int, float]:
     return out
 
 
-def _crash_and_resume(data: str, out_a: str, out_b: str) -> tuple[dict, dict, dict]:
+def _crash_and_resume(data: str, out_a: str, out_b: str, *extra: str) -> tuple[dict, dict, dict]:
     from launch.train import main
     from train.step import TrainStep
 
-    args = ("--training.steps", "8", "--training.checkpoint_every", "4", "--training.eval_batches", "2")
+    args = ("--training.steps", "8", "--training.checkpoint_every", "4", "--training.eval_batches", "2", *extra)
     main(base_args(data, out_a, *args))
     original = TrainStep.__call__
 
@@ -74,6 +74,44 @@ def test_resume_after_crash_reproduces_losses_exactly(dist_pool, tiny_data, tmp_
     assert summary["rows_consumed"] == 8 * 64 * 2
     kept = sorted(p.name for p in (Path(b) / "checkpoints").iterdir())
     assert kept == ["step_00000004", "step_00000008"]
+
+
+def _ema_runs(data: str, plain: str, a: str, b: str) -> tuple[dict, dict, dict, dict, dict]:
+    """A run without the weight average, then `_crash_and_resume` with it, then launch.evaluate on the EMA run."""
+    from launch.evaluate import main as evaluate
+    from launch.train import main
+
+    full_eval = ("--training.eval_batches", "0")  # evaluate scores every eval row
+    main(base_args(data, plain, "--training.steps", "8", "--training.checkpoint_every", "4", *full_eval))
+    la, lb, summary = _crash_and_resume(data, a, b, *full_eval, "--training.ema_decay", "0.5")
+    evaluated = evaluate(["--run-dir", a])["eval"]
+    return losses(plain), la, lb, summary, evaluated
+
+
+def test_weight_ema_trains_like_none_checkpoints_the_average_and_resumes_exactly(
+    dist_pool, tiny_data, tmp_path
+) -> None:
+    from safetensors.torch import load_file
+
+    plain, a, b = (str(tmp_path / n) for n in ("plain", "ema_a", "ema_b"))
+    (lp, la, lb, summary, evaluated), _ = dist_pool.run(_ema_runs, tiny_data, plain, a, b)
+    assert la == lp, "the average must not change training"
+    for step in range(5, 9):
+        assert lb[step] == la[step], f"step {step}: resumed {lb[step]} != uninterrupted {la[step]}"
+    ck = "checkpoints/step_00000008"
+    averaged, trained = load_file(f"{a}/{ck}/dense.safetensors"), load_file(f"{plain}/{ck}/dense.safetensors")
+    resumed = load_file(f"{b}/{ck}/dense.safetensors")
+    params = [k for k in trained if k.endswith(("weight", "bias")) and "norm" not in k.split(".")[-2]]
+    assert params and any(not torch.equal(averaged[k], trained[k]) for k in params), "files hold the average"
+    for k in averaged:  # the resumed run's average is the uninterrupted one's
+        torch.testing.assert_close(resumed[k], averaged[k], rtol=0, atol=0, msg=k)
+    state = torch.load(f"{a}/{ck}/rank0.pt", weights_only=True)["ema"]
+    assert state["updates"] == 8
+    for name, t in state["weights"].items():  # the training weights beside them are the plain run's
+        if name in trained:
+            assert torch.equal(t, trained[name]), name
+    for name in ("auc", "logloss"):  # the final evaluation scored the averaged weights of the checkpoint
+        assert evaluated["click"][name] == pytest.approx(summary["eval"]["click"][name], abs=1e-6)
 
 
 def _ep_run(data: str, out: str, ep: int) -> dict:
