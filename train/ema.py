@@ -11,9 +11,9 @@ weights after steps 1..n (Adam's correction of its moments),
     a_n = sum_k (1 - d) d^(n - k) w_k / (1 - d^n),   i.e.   a_n = d_n a_(n-1) + (1 - d_n) w_n,
     d_n = d (1 - d^(n - 1)) / (1 - d^n)               (d_1 = 0: a_1 = w_1),
 
-so the initial weights never enter it and its window is ~1 / (1 - d) steps from the first step on. Only parameters
-are averaged (batch-norm statistics are buffers and stay as trained); the embedding tables are not part of
-the dense model (their fused row-wise optimizer updates them in place) and are not averaged. Each rank
+so the initial weights never enter it and its window is ~1 / (1 - d) steps from the first step on. Only
+parameters are averaged (batch-norm statistics are buffers and stay as trained); the embedding tables are
+not part of the dense model (their fused row-wise optimizer updates them in place) and are not averaged. Each rank
 averages the parameters it holds, experts included (this rank's shard), so data-parallel ranks hold the
 same averages. Checkpoints store the averaged weights as the model's weights (so evaluate, export,
 predict and the restored best checkpoint all read them as they are) and the training weights beside
@@ -35,7 +35,8 @@ def ema_decay_at(decay: float, updates: int) -> float:
 
 
 class WeightEMA:
-    """The averaged copy of `model`'s parameters; with decay 0 every method is a no-op.
+    """The averaged copy of `model`'s parameters; with decay 0 nothing is averaged (update, applied and
+    finalize do nothing; load_training_state still puts a checkpoint's training weights back).
 
     Args:
         model: the dense model (its parameters, in `named_parameters` order, are averaged).
