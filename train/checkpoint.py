@@ -162,6 +162,8 @@ class CheckpointManager:
         self, root: Path, parts: CheckpointParts, keep_last: int, config: dict[str, Any] | None = None
     ) -> None:
         self.root, self.parts, self.keep_last = root, parts, keep_last
+        self.ema = parts.ema or WeightEMA(parts.model, 0.0)
+        """The dense weights' average (an "off" one without parts.ema): saves swap it in, loads put it back."""
         self.config = config or {}
         self.lineage = str(broadcast_object(uuid.uuid4().hex[:12]))  # this run start: every rank the same id
         self.parent: Path | None = None
@@ -205,7 +207,7 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         barrier()
         save_sparse(p.dmp, str(tmp / SPARSE_DIR))
-        ema = p.ema or WeightEMA(p.model, 0.0)
+        ema = self.ema
         with ema.applied() as training_weights:  # the model's files get the averaged weights
             if lay.is_main:
                 save_file(_dense_tensors(p.model), str(tmp / DENSE_FILE))
@@ -324,7 +326,7 @@ class CheckpointManager:
         p.optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
         # the files held the averaged weights: they become the average again, the training weights the model's
-        (p.ema or WeightEMA(p.model, 0.0)).load_training_state(state.get("ema"), str(state_file))
+        self.ema.load_training_state(state.get("ema"), str(state_file))
         if not same_layout:
             state["trainer"]["loader"] = None  # positions are per rank: the trainer checks and explains
         return meta, state["trainer"]

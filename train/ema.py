@@ -13,9 +13,9 @@ weights after steps 1..n (Adam's correction of its moments),
 
 so the initial weights never enter it and its window is ~1 / (1 - d) steps from the first step on. Only
 parameters are averaged (batch-norm statistics are buffers and stay as trained); the embedding tables are
-not part of the dense model (their fused row-wise optimizer updates them in place) and are not averaged. Each rank
-averages the parameters it holds, experts included (this rank's shard), so data-parallel ranks hold the
-same averages. Checkpoints store the averaged weights as the model's weights (so evaluate, export,
+not part of the dense model (their fused row-wise optimizer updates them in place) and are not averaged.
+Each rank averages the parameters it holds, experts included (this rank's shard), so data-parallel ranks
+hold the same averages. Checkpoints store the averaged weights as the model's weights (so evaluate, export,
 predict and the restored best checkpoint all read them as they are) and the training weights beside
 them for resuming (`train.checkpoint`).
 """
@@ -53,6 +53,7 @@ class WeightEMA:
         self.shadow: dict[str, torch.Tensor] = (
             {n: p.detach().clone() for n, p in self.params.items()} if decay > 0 else {}
         )
+        self._lists = (list(self.shadow.values()), list(self.params.values()))  # the per-step lerp's operands
         self._swapped = False
 
     @property
@@ -69,7 +70,7 @@ class WeightEMA:
             raise RuntimeError("WeightEMA.update inside applied(): the model holds the averages there")
         self.updates += 1
         d = ema_decay_at(self.decay, self.updates)
-        torch._foreach_lerp_(list(self.shadow.values()), [p.detach() for p in self.params.values()], 1.0 - d)
+        torch._foreach_lerp_(*self._lists, 1.0 - d)
 
     @torch.no_grad()
     def _swap(self) -> None:
@@ -117,7 +118,8 @@ class WeightEMA:
         """
         if state is None:
             if self.decay > 0:
-                self.shadow = {n: p.detach().clone() for n, p in self.params.items()}
+                for name, p in self.params.items():
+                    self.shadow[name].copy_(p.detach())
                 self.updates = 0
             return
         weights = state["weights"]
