@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.derived import length_source
+from pipeline.derived import length_source, lookup_source
 from schema import ConfigError, check_one_of, check_range
 
 ID_MAPPINGS = ("hash", "modulo", "raw", "vocab")
@@ -186,7 +186,8 @@ class FeaturesConfig:
     """Counters per row of the count-min sketch (4 rows of int64) used beyond vocab_exact_ids."""
     item_id: str = ""
     """Column with the candidate item id (int64 or string), used for the item-popularity baseline of every
-    evaluation report (`metrics.baselines`); empty: no item baseline."""
+    evaluation report (`metrics.baselines`) and as the key of the item catalogue that sparse features
+    named `a[s]` look up (`pipeline.catalog`); empty: no item baseline."""
 
     def dense_transform_of(self, name: str) -> str:
         """The configured (unresolved: 'auto' stays 'auto') transform of dense feature `name`."""
@@ -243,6 +244,8 @@ class FeaturesConfig:
                     f"len() counts the elements of a list column"
                 )
         for i, sf in enumerate(self.sparse):
+            if lookup_source(sf.name) is not None:
+                self._check_lookup(i, sf, by_name)
             if sf.pooling == "target_attention":
                 q = by_name.get(sf.target)
                 if q is None or q.max_len != 1 or q.dim != sf.dim:
@@ -251,6 +254,49 @@ class FeaturesConfig:
                         f"config key 'features.sparse[{i}].target' = {sf.target!r} {what}; expected a scalar feature "
                         f"(max_len 1) of dim {sf.dim} in features.sparse"
                     )
+
+    def _check_lookup(self, i: int, sf: SparseFeature, by_name: dict[str, SparseFeature]) -> None:
+        """A sparse feature `a[s]` (the attribute a of every item of sequence s, `pipeline.catalog`): s a list
+        feature of the candidate item's table, a a feature of the sparse list whose table (and mapping) it
+        shares, features.item_id a sparse feature."""
+        key = f"features.sparse[{i}].name"
+        attr, seq = lookup_source(sf.name)  # type: ignore[misc]
+        item = by_name.get(self.item_id)
+        a, s = by_name.get(attr), by_name.get(seq)
+        if item is None:
+            raise ConfigError(
+                f"config key '{key}' = {sf.name!r} looks {attr!r} up by item, so 'features.item_id' must name a "
+                f"scalar sparse feature (the candidate item), got {self.item_id!r}"
+            )
+        if s is None or s.max_len == 1 or lookup_source(seq) is not None:
+            raise ConfigError(
+                f"config key '{key}' = {sf.name!r}: {seq!r} must be a list feature (max_len > 1) in features.sparse"
+            )
+        if s.table_name != item.table_name or s.dtype != item.dtype:
+            raise ConfigError(
+                f"config key '{key}' = {sf.name!r}: the ids of {seq!r} must be items like {self.item_id!r} "
+                f"(the same table and dtype; got tables {s.table_name!r} / {item.table_name!r})"
+            )
+        if a is None or lookup_source(attr) is not None or attr == self.item_id:
+            raise ConfigError(
+                f"config key '{key}' = {sf.name!r}: {attr!r} must be an attribute feature of the candidate item in "
+                "features.sparse (not the item id itself)"
+            )
+        if sf.id_mapping != "vocab":
+            raise ConfigError(
+                f"config key 'features.sparse[{i}].id_mapping' = {sf.id_mapping!r}: {sf.name!r} needs \"vocab\" "
+                "(the item catalogue is built and saved with the vocabularies)"
+            )
+        if (sf.table_name, sf.id_mapping, sf.dtype) != (a.table_name, a.id_mapping, a.dtype):
+            raise ConfigError(
+                f"config key 'features.sparse[{i}]' ({sf.name!r}) must share {attr!r}'s table, id_mapping and dtype "
+                f"(set table = {a.table_name!r}, id_mapping = {a.id_mapping!r}, dtype = {a.dtype!r})"
+            )
+        if sf.oov_dropout > 0 or sf.min_count != a.min_count:
+            raise ConfigError(
+                f"config key 'features.sparse[{i}]' ({sf.name!r}): its ids are {attr!r}'s, counted there; set no "
+                "oov_dropout on it and the same min_count"
+            )
 
     def table_names(self) -> list[str]:
         """Embedding table names in first-appearance order."""

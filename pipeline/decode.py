@@ -8,7 +8,8 @@ decoded them whenever they can (zero-copy: no nulls, int64 ids, float32 dense va
 else is repaired into new arrays here and counted per row (so every batch knows exactly what it
 carried): null dense/id/user values -> 0 or an empty bag (`nulls_repaired`), ids hashed into range by
 'modulo' mapping (`ids_out_of_range`), ids of 'vocab' features mapped through their table's vocabulary
-(`pipeline.vocab`), strings hashed to int64, lists truncated to their last max_len ids. Missing dense
+(`pipeline.vocab`), strings hashed to int64, lists truncated to their last max_len ids, `a[s]` features
+looked up in the item catalogue their vocabulary carries (`pipeline.catalog`). Missing dense
 values (null, NaN, inf) stay NaN and are counted on their way into a block (`native.fill_rows`,
 `dense_missing`); the model's dense input fills them (`model.dense_input`). Ids of 'hash' features stay
 raw: the compiled pass hashes them as it lays them out. Labels are validated by the reader (file and row
@@ -25,12 +26,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import DataConfig, FeaturesConfig, SparseFeature
-from pipeline.derived import length_source, length_values
+from pipeline.derived import length_source, length_values, lookup_source
 from pipeline.ids import hash_strings, map_ids_into
 
 
 class IdVocab(Protocol):
-    """What decoding needs of a vocabulary (`pipeline.vocab.IdVocab`): raw int64 ids -> table rows."""
+    """What decoding needs of a vocabulary (`pipeline.vocab.IdVocab`): raw int64 ids -> table rows, and the
+    item catalogues of the `a[s]` features reading the table (`pipeline.catalog.ItemCatalog`, by name)."""
+
+    catalogs: dict
 
     def map(self, raw_N: np.ndarray) -> np.ndarray: ...
 
@@ -143,8 +147,13 @@ def _list_chunk(arr: pa.Array, sf: SparseFeature, a: int, health: _Health) -> tu
         health.add(_NULLS, a, dropped)
         lengths = lengths - dropped
         ids = ids[valid]
-    if n and lengths.max() > sf.max_len:  # keep the last max_len ids of each row
-        keep = np.minimum(lengths, sf.max_len)
+    return _keep_last(lengths, ids, sf.max_len)
+
+
+def _keep_last(lengths: np.ndarray, ids: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths, ids) of bags truncated to their last max_len ids."""
+    if len(lengths) and lengths.max() > max_len:
+        keep = np.minimum(lengths, max_len)
         shift = np.cumsum(lengths) - np.cumsum(keep)  # first kept id of a row minus its new offset
         ids = ids[np.repeat(shift, keep) + np.arange(int(keep.sum()))]
         lengths = keep
@@ -164,6 +173,18 @@ def raw_ids(col: pa.ChunkedArray | pa.Array, sf: SparseFeature) -> np.ndarray:
         ids, valid = _flat_ids(arr, sf)
         return ids if valid is None else ids[valid]
     return _list_chunk(arr, sf, 0, health)[1]
+
+
+def raw_bags(col: pa.ChunkedArray | pa.Array, sf: SparseFeature) -> tuple[np.ndarray, np.ndarray]:
+    """(ids per row n, raw ids N) of feature `sf` in a column, as the reader sees them before mapping: a
+    scalar row has 1 id or 0 (null), a list row its last max_len non-null ids (strings hashed)."""
+    arr = _one(col) if isinstance(col, pa.ChunkedArray) else col
+    if sf.max_len > 1:
+        return _list_chunk(arr, sf, 0, _Health(len(arr)))
+    ids, valid = _flat_ids(arr, sf)
+    if valid is None:
+        return np.ones(len(arr), dtype=np.int64), ids
+    return valid.astype(np.int64), ids[valid]
 
 
 def _sparse(
@@ -194,6 +215,24 @@ def _sparse(
         return ids, None
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lens, out=offsets[1:])
+    return ids, offsets
+
+
+def _looked_up(
+    seq: pa.Array, seq_sf: SparseFeature, sf: SparseFeature, health: _Health, vocab: IdVocab | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, offsets) of an `a[s]` feature: the catalogue's attribute ids of every item of sequence column
+    `seq` (as feature `seq_sf` reads it: its last max_len ids), truncated to sf.max_len and mapped through
+    the attribute's vocabulary. The sequence's own nulls are counted by its own feature, not again here."""
+    catalog = getattr(vocab, "catalogs", {}).get(sf.name) if vocab is not None else None
+    if catalog is None:
+        raise ValueError(f"feature '{sf.name}': no item catalogue was given to the reader (pipeline.catalog)")
+    seq_lengths, items = _list_chunk(seq, seq_sf, 0, _Health(len(seq)))
+    lengths, raw = _keep_last(*catalog.lookup(seq_lengths, items), sf.max_len)
+    ids = np.empty(len(raw), dtype=np.int64)
+    _map_into(raw, sf, ids, health, 0, lengths, vocab)
+    offsets = np.zeros(len(seq) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
     return ids, offsets
 
 
@@ -236,8 +275,13 @@ def decode_piece(
     user = _column(cols[features.user_id], np.int64, health) if features.user_id else None
     row = _column(cols[data.row_id_column], np.int64, health) if data.row_id_column else None
     ids, offsets = [], []
+    by_name = {sf.name: sf for sf in features.sparse}
     for sf in features.sparse:
-        f_ids, f_offsets = _sparse(cols[sf.name], sf, health, (vocabs or {}).get(sf.table_name))
+        vocab = (vocabs or {}).get(sf.table_name)
+        if (lookup := lookup_source(sf.name)) is not None:
+            f_ids, f_offsets = _looked_up(cols[lookup[1]], by_name[lookup[1]], sf, health, vocab)
+        else:
+            f_ids, f_offsets = _sparse(cols[sf.name], sf, health, vocab)
         ids.append(f_ids)
         offsets.append(f_offsets)
     return Piece(

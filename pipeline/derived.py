@@ -1,7 +1,9 @@
-"""Dense features computed from other columns as a row group is read: `len(<list column>)`.
+"""Features computed from other columns as a row group is read: the dense `len(<list column>)` and the
+sparse `<attribute>[<sequence>]`.
 
     [features]
     dense = ["hist_count", "len(hist_items)"]     # the number of ids in the row's hist_items list
+    sparse = [..., { name = "item_genres[hist_items]", table = "genre", ... }]   # the history's genres
 
 A sequence pooled by mean or attention hides how long it is (both are invariant to the length), yet
 the length is often the signal that carries over to new users: with `hist_count` (the user's earlier
@@ -14,6 +16,11 @@ columns goes through `physical_columns` + `add_derived` (`pipeline.reader` via `
 
 The file needs the source column (a list column), not the derived name; a file that happens to have a
 column literally named `len(c)` still gets the derived value.
+
+`a[s]` (a sparse feature) is the attribute `a` of every item in the sequence `s`: the ids that the
+candidate-item column (`features.item_id`) carried in column `a` on the training rows, looked up in the
+item catalogue (`pipeline.catalog`) for each id of `s`. Its values are computed by the decoder from the
+catalogue; the file needs `s` (and `a` for the training rows, where the catalogue is built).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 _LENGTH = re.compile(r"^len\((.+)\)$")
+_LOOKUP = re.compile(r"^([^\[\]]+)\[([^\[\]]+)\]$")
 
 
 def length_source(name: str) -> str | None:
@@ -33,9 +41,16 @@ def length_source(name: str) -> str | None:
     return m.group(1) if m else None
 
 
+def lookup_source(name: str) -> tuple[str, str] | None:
+    """'item_genres[hist_items]' -> ('item_genres', 'hist_items') (attribute, sequence); None otherwise."""
+    m = _LOOKUP.match(name)
+    return (m.group(1), m.group(2)) if m else None
+
+
 def physical_columns(names: list[str]) -> list[str]:
-    """The file columns `names` need, each once, in order: a derived name is replaced by its source."""
-    out = [length_source(n) or n for n in names]
+    """The file columns `names` need, each once, in order: a derived name is replaced by its source
+    (`len(s)` and `a[s]` read the list column `s`)."""
+    out = [length_source(n) or ((lk := lookup_source(n)) and lk[1]) or n for n in names]
     return list(dict.fromkeys(out))
 
 

@@ -192,3 +192,35 @@ def sum_by_id(ids_N: np.ndarray, values_N: np.ndarray | None = None) -> tuple[np
     sums = np.zeros((len(u), *values_N.shape[1:]), dtype=values_N.dtype)
     np.add.at(sums, inv, values_N)
     return u, sums
+
+
+def oov_dropout(
+    values: np.ndarray, lengths_SB: np.ndarray, drops: list[tuple[int, float, int]], salt: int
+) -> np.ndarray:
+    """Send ids of a training batch to their OOV rows with a probability per feature, so the OOV rows learn
+    what an id never seen in training looks like (the test period's new users and items) and no id row is
+    relied upon alone (`features.sparse[i].oov_dropout`).
+
+    Args:
+        values: the batch's KJT values (table rows of every feature, key-major).
+        lengths_SB: its KJT lengths as S x B (key-major).
+        drops: (key index s, probability p, oov_buckets) per 'vocab' feature with oov_dropout > 0.
+        salt: a 64-bit value of (seed, epoch, rank, batch index): the same batch gets the same drops on
+            every run and after a resume, with no random state to checkpoint.
+
+    Returns:
+        A copy of values with every dropped row replaced by an OOV row (mix64(row) mod oov_buckets).
+    """
+    out = values.copy()
+    ends = np.cumsum(lengths_SB.sum(1))
+    for s, p, oov in drops:
+        a, b = (int(ends[s - 1]) if s else 0), int(ends[s])
+        if a == b:
+            continue
+        keyed = np.arange(a, b, dtype=np.uint64) ^ np.uint64((salt + 0x9E3779B97F4A7C15 * (s + 1)) % 2**64)
+        u = mix64(keyed) >> np.uint64(11)  # 53 random bits
+        hit = u < np.uint64(int(p * 2**53))
+        if hit.any():
+            seg = out[a:b]
+            seg[hit] = 0 if oov == 1 else _mod(mix64(seg[hit]), oov)
+    return out

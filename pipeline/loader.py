@@ -38,11 +38,11 @@ from pipeline.batch import Batch
 from pipeline.config import DataConfig, FeaturesConfig
 from pipeline.convert import STATS, BatchArrays, Block, Header, block_batches
 from pipeline.errors import DataError
-from pipeline.ids import mix64, warm_memo
+from pipeline.ids import mix64, oov_dropout, warm_memo
 from pipeline.plan import DatasetPlan
 from pipeline.reader import iter_reader, private_block, window_rows
 from pipeline.split import batches_per_rank, reader_positions, reader_span, worker_batches
-from pipeline.vocab import IdVocab, oov_dropout
+from pipeline.vocab import IdVocab
 
 __all__ = ["ParquetLoader", "dataset_audit"]
 

@@ -32,7 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.config import BAD_FILE_POLICIES, DataConfig, FeaturesConfig
-from pipeline.derived import length_source, physical_columns
+from pipeline.derived import length_source, lookup_source, physical_columns
 from pipeline.errors import DataError
 
 __all__ = ["DataError", "DatasetPlan", "WorkUnit", "carve_tail", "plan_dataset", "resolve_files", "required_columns"]
@@ -163,8 +163,8 @@ def resolve_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
 
 def required_columns(data: DataConfig, features: FeaturesConfig) -> list[str]:
     """Every column the pipeline reads, each once: labels, dense, sparse, user id, item id, row id (a
-    derived dense feature such as 'len(hist_items)' reads its source, `pipeline.derived`)."""
-    cols = [*features.labels, *physical_columns(features.dense), *(sf.name for sf in features.sparse)]
+    derived feature such as 'len(hist_items)' or 'item_genres[hist_items]' reads its source, `pipeline.derived`)."""
+    cols = [*features.labels, *physical_columns(features.dense), *physical_columns([sf.name for sf in features.sparse])]
     cols += [c for c in (features.user_id, features.item_id, data.row_id_column) if c]
     seen: set[str] = set()
     return [c for c in cols if not (c in seen or seen.add(c))]
@@ -195,6 +195,8 @@ def _expected(data: DataConfig, features: FeaturesConfig) -> dict[str, tuple[str
         else:
             out[src] = (f"a list column (dense feature '{c}' counts its elements)", _is_list)
     for sf in features.sparse:
+        if lookup_source(sf.name) is not None:
+            continue  # derived from its sequence feature, which is checked as itself
         scalar = _is_str if sf.dtype == "string" else _is_int
         if sf.max_len > 1:
             desc = f"list<{'string' if sf.dtype == 'string' else 'int64'}> (max_len={sf.max_len})"

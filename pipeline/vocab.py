@@ -23,11 +23,15 @@ e / width x total occurrences with probability 1 - exp(-depth)), so an id may be
 than `min_count` true occurrences, never dropped while it has more (unless it falls outside the
 heavy-hitter set).
 
+The same pass builds the item catalogues of the `a[s]` features (`pipeline.catalog`); they travel in the
+vocabulary file and on the IdVocab of the attribute's table (`IdVocab.catalogs`).
+
 Legend: N ids (of a row group, or to map), V kept ids of a table.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import zipfile
 from collections.abc import Callable
@@ -36,9 +40,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.catalog import CatalogBuilder, ItemCatalog
 from pipeline.config import FeaturesConfig, SparseFeature
-from pipeline.decode import raw_ids
+from pipeline.decode import raw_bags, raw_ids
 from pipeline.dense_stats import read_columns
+from pipeline.derived import lookup_source
 from pipeline.errors import DataError
 from pipeline.ids import _mod, mix64, sum_by_id
 from pipeline.plan import DatasetPlan
@@ -180,10 +186,34 @@ def count_ids(
     world_size: int = 1,
     gather: Gather | None = None,
 ) -> dict[str, IdCounts]:
-    """Id occurrence counts per vocabulary table over every row of `plan` (collective when world_size > 1).
+    """Id occurrence counts per vocabulary table over every row of `plan` (collective when world_size > 1):
+    `scan_training_rows` without the catalogues."""
+    return scan_training_rows(plan, features, rank=rank, world_size=world_size, gather=gather)[0]
+
+
+def lookup_features(features: FeaturesConfig) -> list[SparseFeature]:
+    """The `a[s]` features (item attributes of a sequence), in config order."""
+    return [sf for sf in features.sparse if lookup_source(sf.name) is not None]
+
+
+def scan_training_rows(
+    plan: DatasetPlan,
+    features: FeaturesConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    gather: Gather | None = None,
+    carve: DatasetPlan | None = None,
+) -> tuple[dict[str, IdCounts], dict[str, ItemCatalog]]:
+    """One pass over the rows of `plan` (collective when world_size > 1): the id counts of every vocabulary
+    table and the item catalogue of every `a[s]` feature, by feature name (`pipeline.catalog`: the earliest
+    row of each candidate item, at most features.vocab_exact_ids items). The catalogue also reads the rows
+    of `carve` (the validation carve, after `plan`'s rows in the same files): item attributes are no label,
+    and the latest items are the ones the next period's histories hold; the counts never do.
 
     Ids are counted as the pipeline delivers them before mapping: strings hashed to int64, null ids
-    dropped, lists truncated to their last max_len ids.
+    dropped, lists truncated to their last max_len ids. An `a[s]` feature counts nothing of its own: its
+    ids are those of attribute `a`, counted there.
 
     Raises:
         DataError: a row group cannot be read (names the file).
@@ -191,17 +221,37 @@ def count_ids(
     if world_size > 1 and gather is None:
         raise ValueError("count_ids: world_size > 1 needs a gather function (all_gather_object)")
     gather = gather or (lambda obj: [obj])
-    tables = vocab_tables(features)
+    tables = {t: [sf for sf in fs if lookup_source(sf.name) is None] for t, fs in vocab_tables(features).items()}
+    lookups = lookup_features(features)
     if not tables:
-        return {}
+        return {}, {}
+    by_name = {sf.name: sf for sf in features.sparse}
+    attrs = list(dict.fromkeys(lookup_source(sf.name)[0] for sf in lookups))  # type: ignore[index]
     names = [sf.name for fs in tables.values() for sf in fs]
+    names += [n for n in [features.item_id, *attrs] if lookups and n not in names]
     local = {t: IdCounts(features.vocab_exact_ids, features.vocab_sketch_width) for t in tables}
-    for table in read_columns(plan, names, list(range(rank, len(plan.units), world_size))):
-        for t, fs in tables.items():
-            for sf in fs:
-                local[t].add(raw_ids(table.column(sf.name), sf))
-    parts = gather({t: c.finish() for t, c in local.items()})
-    return {t: IdCounts.merge([p[t] for p in parts]) for t in tables}  # type: ignore[index]
+    builders = {a: CatalogBuilder(features.vocab_exact_ids) for a in attrs}
+    counted, rows = len(plan.units), plan
+    if lookups and carve is not None and carve.units:
+        if carve.files != plan.files:
+            raise ValueError("scan_training_rows: the carve must come from the same files as the plan")
+        rows = dataclasses.replace(plan, units=[*plan.units, *carve.units])
+    units = list(range(rank, len(rows.units), world_size))
+    for unit, table in zip(units, read_columns(rows, names, units)):
+        if unit < counted:
+            for t, fs in tables.items():
+                for sf in fs:
+                    local[t].add(raw_ids(table.column(sf.name), sf))
+        if builders:
+            has_item, item_ids = raw_bags(table.column(features.item_id), by_name[features.item_id])
+            items = np.zeros(table.num_rows, dtype=np.int64)
+            items[has_item == 1] = item_ids
+            for a, builder in builders.items():
+                builder.add(unit, items, has_item == 1, *raw_bags(table.column(a), by_name[a]))
+    parts = gather(({t: c.finish() for t, c in local.items()}, {a: b.finish() for a, b in builders.items()}))
+    counts = {t: IdCounts.merge([p[0][t] for p in parts]) for t in tables}  # type: ignore[index]
+    merged = {a: CatalogBuilder.merge([p[1][a] for p in parts], features.vocab_exact_ids) for a in attrs}  # type: ignore[index]
+    return counts, {sf.name: merged[lookup_source(sf.name)[0]] for sf in lookups}  # type: ignore[index]
 
 
 @dataclass
@@ -217,6 +267,7 @@ class IdVocab:
         exact: whether the counts were exact.
         total: id occurrences in the training rows; oov_total: those that map to an OOV row.
         distinct: distinct ids seen (exact mode), or the heavy hitters tracked (sketch mode).
+        catalogs: the item catalogues of the `a[s]` features whose table this is, by feature name.
     """
 
     table: str
@@ -228,6 +279,7 @@ class IdVocab:
     total: int = 0
     oov_total: int = 0
     distinct: int = 0
+    catalogs: dict[str, ItemCatalog] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -279,9 +331,11 @@ def _vocab_settings(fs: list[SparseFeature]) -> tuple[int | str, int, int]:
     return first.vocab_size, first.min_count, first.oov_buckets
 
 
-def build_vocabs(features: FeaturesConfig, counts: dict[str, IdCounts]) -> dict[str, IdVocab]:
+def build_vocabs(
+    features: FeaturesConfig, counts: dict[str, IdCounts], catalogs: dict[str, ItemCatalog] | None = None
+) -> dict[str, IdVocab]:
     """The vocabulary of every 'vocab' table from its counts (keeps ids with count >= min_count, capped
-    by a numeric vocab_size)."""
+    by a numeric vocab_size), carrying the catalogues of its `a[s]` features (`scan_training_rows`)."""
     out: dict[str, IdVocab] = {}
     for t, fs in vocab_tables(features).items():
         size, min_count, oov = _vocab_settings(fs)
@@ -293,6 +347,10 @@ def build_vocabs(features: FeaturesConfig, counts: dict[str, IdCounts]) -> dict[
             top.sort()
             ids, cnt = ids[top], cnt[top]
         out[t] = IdVocab(t, ids, cnt, oov, min_count, c.exact, c.total, c.total - int(cnt.sum()), len(c.ids))
+    for sf in lookup_features(features):
+        if sf.name not in (catalogs or {}):
+            raise ValueError(f"build_vocabs: feature '{sf.name}' needs its item catalogue (scan_training_rows)")
+        out[sf.table_name].catalogs[sf.name] = catalogs[sf.name]  # type: ignore[index]
     return out
 
 
@@ -313,6 +371,9 @@ def save_vocabs(path: Path, vocabs: dict[str, IdVocab], key: str = "") -> None:
         arrays[f"{t}/ids"] = v.ids
         arrays[f"{t}/counts"] = v.counts
         arrays[f"{t}/meta"] = np.array([v.oov_buckets, v.min_count, int(v.exact), v.total, v.oov_total, v.distinct])
+        for name, cat in v.catalogs.items():
+            arrays[f"catalog/{name}/ids"], arrays[f"catalog/{name}/offsets"] = cat.ids, cat.offsets
+            arrays[f"catalog/{name}/values"] = cat.values
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -347,6 +408,14 @@ def load_vocabs(path: Path, features: FeaturesConfig) -> dict[str, IdVocab]:
         out[t] = IdVocab(
             t, data[f"{t}/ids"], data[f"{t}/counts"], oov, min_count, bool(exact), total, oov_total, distinct
         )
+    for sf in lookup_features(features):
+        k = f"catalog/{sf.name}"
+        if f"{k}/ids" not in data:
+            raise DataError(f"{path}: no item catalogue for feature '{sf.name}' (vocabularies built without it)")
+        cat = ItemCatalog(data[f"{k}/ids"], data[f"{k}/offsets"], data[f"{k}/values"])
+        if len(cat.offsets) != cat.size + 1 or (cat.size and int(cat.offsets[-1]) != len(cat.values)):
+            raise DataError(f"{path}: the item catalogue of feature '{sf.name}' is inconsistent (offsets vs values)")
+        out[sf.table_name].catalogs[sf.name] = cat
     return out
 
 
@@ -362,7 +431,7 @@ def check_sizes(features: FeaturesConfig, vocabs: dict[str, IdVocab], where: str
                 )
 
 
-def vocab_key(plan: DatasetPlan, features: FeaturesConfig) -> str:
+def vocab_key(plan: DatasetPlan, features: FeaturesConfig, carve: DatasetPlan | None = None) -> str:
     """A key of everything the vocabularies depend on: files (path, size, modification time), row ranges,
     the vocabulary features' columns and settings."""
     feats = [
@@ -370,6 +439,8 @@ def vocab_key(plan: DatasetPlan, features: FeaturesConfig) -> str:
         for fs in vocab_tables(features).values()
         for sf in fs
     ]
+    if lookup_features(features):  # the catalogue's key column and rows (kept out otherwise: old caches stay valid)
+        feats.append(("item_id", features.item_id, carve.content_key() if carve is not None else ""))
     return plan.content_key(VOCAB_FORMAT, feats, features.vocab_exact_ids, features.vocab_sketch_width)
 
 
@@ -382,12 +453,14 @@ def load_or_count_vocabs(
     world_size: int = 1,
     gather: Gather | None = None,
     broadcast: Callable[[object], object] | None = None,
+    carve: DatasetPlan | None = None,
 ) -> tuple[dict[str, IdVocab], bool]:
     """The vocabularies of `features` over `plan` (collective), from `cache` when its key matches; on a miss
-    every rank counts its share and rank 0 writes the cache. Returns (vocabs, whether the cache was reused)."""
+    every rank counts its share and rank 0 writes the cache (`carve`: rows the item catalogues read too,
+    `scan_training_rows`). Returns (vocabs, whether the cache was reused)."""
     if not vocab_tables(features):
         return {}, False
-    key = vocab_key(plan, features)
+    key = vocab_key(plan, features, carve)
     hit = None
     if rank == 0 and cache is not None and cache.is_file():
         try:
@@ -401,7 +474,8 @@ def load_or_count_vocabs(
         hit = broadcast(hit)  # type: ignore[assignment]
     if hit is not None:
         return hit, True
-    vocabs = build_vocabs(features, count_ids(plan, features, rank=rank, world_size=world_size, gather=gather))
+    scanned = scan_training_rows(plan, features, rank=rank, world_size=world_size, gather=gather, carve=carve)
+    vocabs = build_vocabs(features, *scanned)
     if rank == 0 and cache is not None:
         save_vocabs(cache, vocabs, key=key)
     return vocabs, False
@@ -416,36 +490,6 @@ def report(vocabs: dict[str, IdVocab]) -> str:
             f"{t:<18}{s['rows']:>10}{s['kept_ids']:>10}{s['distinct_ids']:>10}{s['min_count']:>10}"
             f"{s['train_oov_share']:>11.2%}  {'exact' if v.exact else 'count-min sketch'}"
         )
+        for name, cat in v.catalogs.items():
+            lines.append(f"  item catalogue of {name}: {cat.size} items, {len(cat.values)} attribute ids")
     return "\n".join(lines)
-
-
-def oov_dropout(
-    values: np.ndarray, lengths_SB: np.ndarray, drops: list[tuple[int, float, int]], salt: int
-) -> np.ndarray:
-    """Send ids of a training batch to their OOV rows with a probability per feature, so the OOV rows learn
-    what an id never seen in training looks like (the test period's new users and items) and no id row is
-    relied upon alone (`features.sparse[i].oov_dropout`).
-
-    Args:
-        values: the batch's KJT values (table rows of every feature, key-major).
-        lengths_SB: its KJT lengths as S x B (key-major).
-        drops: (key index s, probability p, oov_buckets) per 'vocab' feature with oov_dropout > 0.
-        salt: a 64-bit value of (seed, epoch, rank, batch index): the same batch gets the same drops on
-            every run and after a resume, with no random state to checkpoint.
-
-    Returns:
-        A copy of values with every dropped row replaced by an OOV row (mix64(row) mod oov_buckets).
-    """
-    out = values.copy()
-    ends = np.cumsum(lengths_SB.sum(1))
-    for s, p, oov in drops:
-        a, b = (int(ends[s - 1]) if s else 0), int(ends[s])
-        if a == b:
-            continue
-        keyed = np.arange(a, b, dtype=np.uint64) ^ np.uint64((salt + 0x9E3779B97F4A7C15 * (s + 1)) % 2**64)
-        u = mix64(keyed) >> np.uint64(11)  # 53 random bits
-        hit = u < np.uint64(int(p * 2**53))
-        if hit.any():
-            seg = out[a:b]
-            seg[hit] = 0 if oov == 1 else _mod(mix64(seg[hit]), oov)
-    return out

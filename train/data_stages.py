@@ -25,15 +25,18 @@ from pipeline.plan import DatasetPlan
 from train.checkpoint import CheckpointMismatchError
 
 
-def vocabularies(cfg: JobConfig, info: DistInfo, train_plan: DatasetPlan, run_dir: Path) -> dict[str, vocab.IdVocab]:
+def vocabularies(
+    cfg: JobConfig, info: DistInfo, train_plan: DatasetPlan, run_dir: Path, valid_plan: DatasetPlan | None = None
+) -> dict[str, vocab.IdVocab]:
     """Id vocabularies of the 'vocab' features over the training rows (collective; cached in the run
-    directory, whose copy every checkpoint carries); resolves their tables' vocab_size. Printed."""
+    directory, whose copy every checkpoint carries); resolves their tables' vocab_size. Printed. The item
+    catalogues of `a[s]` features read the validation carve's rows too (`valid_plan`; no labels)."""
     f = cfg.features
     if not vocab.vocab_tables(f):
         return {}
     vocabs, reused = vocab.load_or_count_vocabs(
         train_plan, f, run_dir / vocab.VOCAB_FILE, rank=info.rank,
-        world_size=info.world_size, gather=all_gather_object, broadcast=broadcast_object,
+        world_size=info.world_size, gather=all_gather_object, broadcast=broadcast_object, carve=valid_plan,
     )  # fmt: skip
     vocab.resolve_sizes(f, vocabs)
     if info.is_main:
