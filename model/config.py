@@ -101,6 +101,14 @@ class ModelConfig:
     batch_norm: bool = False
     """BatchNorm1d on the towers' and MLPs' hidden layers (running statistics averaged over ranks before
     evaluation and checkpoints)."""
+    feature_dots: int = 0
+    """Token models (rankmixer*, self_attention): 0 = off; C > 0: the tokenizer also reads the pairwise
+    dot products of the pooled sparse feature embeddings (DLRM's interaction, ours in RankMixer): the
+    I-wide pooled vector is cut into S = I / C features of width C (every features.sparse dim must be C)
+    and the S (S - 1) / 2 products <e_i, e_j>, i < j, join the tokenizer input after the dense features.
+    Same-table features (a history's genres and the candidate's) then meet as one number, their affinity.
+    dlrm_mlp and dcnv2 have no tokenizer and ignore it (as RankMixer ignores mlp_hidden), so one config
+    can be run with every model of the zoo."""
 
     def validate(self) -> None:
         """Names known, sizes positive, D divisible by T (and by the attention heads)."""
@@ -114,6 +122,7 @@ class ModelConfig:
         check_range(self.attn_heads, "model.attn_heads", min=0)
         check_range(self.dropout, "model.dropout", min=0.0, max=1.0, max_open=True)
         check_range(self.token_dropout, "model.token_dropout", min=0.0, max=1.0, max_open=True)
+        check_range(self.feature_dots, "model.feature_dots", min=0)
         if self.token_dropout > 0 and self.name in ("dlrm_mlp", "dcnv2"):
             raise ConfigError(
                 f"model.token_dropout = {self.token_dropout} needs a token model; {self.name!r} has no tokens"

@@ -12,7 +12,10 @@ zero-padded to the widest one (d = max slice width) so the same batched projecti
 (`token_layout`).
 
 The dense features join as a final 'dense' group (`model.dense_input`: standardized values projected
-to `model.dense_proj_dim`, then the bucket embeddings of bucketized features). Projections are per
+to `model.dense_proj_dim`, then the bucket embeddings of bucketized features). With `model.feature_dots
+= C` the pairwise dot products of the pooled sparse features (S = I / C features of width C) follow as
+one more group, B x S (S - 1) / 2 columns in (0, 1), (0, 2), ..., (S - 2, S - 1) order:
+DLRM's interaction, read by the token projections like any other input column. Projections are per
 token by default (one batched matmul over the token axis), one shared projection as an option; an
 optional learnable token position embedding is added last. The tokens are computed token-major
 (T x B x D storage) because every later per-token matmul wants that layout; `forward` returns the
@@ -20,8 +23,8 @@ B x T x D *view* of it, which costs nothing, and `forward_TBD` the token-major t
 
 Initialisation draws from a local `torch.Generator` only (see `model.init`).
 
-Legend: B batch, I pooled-embedding width, F dense features, Z = I + dense input width, T tokens,
-d = ceil(Z / T) slice width, D token width.
+Legend: B batch, I pooled-embedding width, F dense features, S sparse features, Z = I + dense input width
+(+ the S (S - 1) / 2 dot products), T tokens, d = ceil(Z / T) slice width, D token width.
 """
 
 from __future__ import annotations
@@ -114,7 +117,18 @@ class Tokenizer(nn.Module):
         self.sparse_dim, self.num_dense, self.num_tokens, self.d_model = sparse_dim, num_dense, T, D
         self.dense_input = DenseInput(dense, cfg.dense_proj_dim, gen) if num_dense > 0 else None
         self.dense_width = self.dense_input.out_width if self.dense_input is not None else 0
-        self.in_width = sparse_dim + self.dense_width  # Z
+        self.dot_width = cfg.feature_dots  # C (0: no dot products)
+        if self.dot_width and (sparse_dim % self.dot_width or sparse_dim < 2 * self.dot_width):
+            raise ValueError(
+                f"model/tokenizer.py: model.feature_dots = {self.dot_width} needs at least two sparse features of "
+                f"that width (sparse_dim {sparse_dim} must be a multiple of it)"
+            )
+        self.num_sparse = sparse_dim // self.dot_width if self.dot_width else 0  # S
+        self.num_dots = self.num_sparse * (self.num_sparse - 1) // 2
+        if self.num_dots:  # flat index of (i, j), i < j, in the S x S Gram matrix
+            upper = torch.triu_indices(self.num_sparse, self.num_sparse, 1)
+            self.register_buffer("dot_index", upper[0] * self.num_sparse + upper[1], persistent=False)
+        self.in_width = sparse_dim + self.dense_width + self.num_dots  # Z
         self.by_groups = cfg.tokenization == "groups"
         if self.by_groups:
             groups = list(sparse_groups) or [sparse_dim]
@@ -122,7 +136,7 @@ class Tokenizer(nn.Module):
                 raise ValueError(
                     f"model/tokenizer.py: sparse_groups {list(sparse_groups)} must sum to sparse_dim ({sparse_dim})"
                 )
-            layout = token_layout([*groups, self.dense_width], T)
+            layout = token_layout([*groups, self.dense_width, self.num_dots], T)
             self.slice_width = max(w for _, w in layout)  # d
             # input column of every (token, slot); Z = the zero column appended in forward (padding)
             index = torch.full((T, self.slice_width), self.in_width, dtype=torch.int64)
@@ -161,6 +175,8 @@ class Tokenizer(nn.Module):
         parts = [sparse_BI]
         if self.dense_input is not None:
             parts.append(self.dense_input(dense_BF).to(sparse_BI.dtype))
+        if self.num_dots:
+            parts.append(self.dots(sparse_BI))
         if self.by_groups:  # gather each token's slot columns (index Z = a zero column)
             parts.append(sparse_BI.new_zeros(B, 1))
             e_TBd = torch.cat(parts, dim=1).index_select(1, self.slot_index).view(B, T, d).transpose(0, 1)
@@ -177,6 +193,11 @@ class Tokenizer(nn.Module):
             x_TBD = x_TBD + self.pos_TD.unsqueeze(1)
         return x_TBD
 
+    def dots(self, sparse_BI: Tensor) -> Tensor:
+        """B x S (S - 1) / 2: <e_i, e_j> for every pair i < j of the S pooled features (C wide) of sparse_BI."""
+        e_BSC = sparse_BI.view(sparse_BI.shape[0], self.num_sparse, self.dot_width)
+        return torch.bmm(e_BSC, e_BSC.transpose(1, 2)).flatten(1).index_select(1, self.dot_index)
+
     def forward(self, sparse_BI: Tensor, dense_BF: Tensor) -> Tensor:
         """Args: sparse_BI: B x I, dense_BF: B x F. Returns x_BTD: B x T x D (a view of token-major storage)."""
         return self.forward_TBD(sparse_BI, dense_BF).transpose(0, 1)
@@ -184,4 +205,5 @@ class Tokenizer(nn.Module):
     def flops_per_sample(self) -> float:
         """Forward matmul FLOPs per sample (multiply-add = 2)."""
         dense = self.dense_input.flops_per_sample() if self.dense_input is not None else 0.0
-        return dense + 2.0 * self.num_tokens * self.slice_width * self.d_model
+        dots = 2.0 * self.num_sparse**2 * self.dot_width  # the S x S Gram matrix, as computed
+        return dense + dots + 2.0 * self.num_tokens * self.slice_width * self.d_model

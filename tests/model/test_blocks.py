@@ -218,6 +218,39 @@ def test_tokenizer_groups_never_mixes_two_groups() -> None:
         Tokenizer(E, DenseInputSpec(N), cfg, _gen(), sparse_groups=(9, 5))
 
 
+@pytest.mark.parametrize("tokenization", ["slices", "groups"])
+def test_tokenizer_feature_dots_match_explicit_pairs(tokenization: str) -> None:
+    """model.feature_dots = C: the S (S - 1) / 2 products <e_i, e_j>, i < j, follow the dense input as extra
+    columns (a group of their own with 'groups'); outputs and the gradient of sparse_BI equal a reference
+    built from explicit pairwise loops."""
+    C, S, N = 3, 5, 2  # I = 15: five features of width 3, ten products
+    groups = (9, 6)
+    cfg = ModelConfig(num_tokens=T, d_model=D, dense_proj_dim=4, feature_dots=C, tokenization=tokenization)
+    tok = Tokenizer(S * C, DenseInputSpec(N), cfg, _gen(), sparse_groups=groups)
+    sparse = torch.randn(B, S * C, generator=_gen(1), requires_grad=True)
+    dense = torch.randn(B, N, generator=_gen(2))
+    pairs = [(i, j) for i in range(S) for j in range(i + 1, S)]
+    dots = torch.stack([(sparse[:, i * C : (i + 1) * C] * sparse[:, j * C : (j + 1) * C]).sum(1) for i, j in pairs], 1)
+    e = torch.cat([sparse, dense @ tok.dense_input.proj_w + tok.dense_input.proj_b, dots], 1)
+    assert tok.in_width == S * C + 4 + len(pairs) == e.shape[1]
+    if tokenization == "groups":
+        layout = token_layout([*groups, 4, len(pairs)], T)
+        slices = [F.pad(e[:, a : a + w], (0, tok.slice_width - w)) for a, w in layout]
+    else:
+        d = tok.slice_width
+        e = F.pad(e, (0, T * d - e.shape[1]))
+        slices = [e[:, t * d : (t + 1) * d] for t in range(T)]
+    ref = torch.stack([x @ tok.proj_w[t] + tok.proj_b[t, 0] for t, x in enumerate(slices)], 1)
+    out = tok(sparse, dense)
+    torch.testing.assert_close(out, ref)
+    weights = torch.randn(out.shape, generator=_gen(3))
+    (grad,) = torch.autograd.grad((out * weights).sum(), sparse)
+    (grad_ref,) = torch.autograd.grad((ref * weights).sum(), sparse)
+    torch.testing.assert_close(grad, grad_ref)
+    with pytest.raises(ValueError, match="at least two sparse features of that width"):
+        Tokenizer(14, DenseInputSpec(N), ModelConfig(num_tokens=T, d_model=D, feature_dots=C), _gen())
+
+
 def test_tokenizer_position_embedding_and_no_dense() -> None:
     cfg = ModelConfig(num_tokens=T, d_model=D, token_pos_emb=True)
     tok = Tokenizer(10, DenseInputSpec(0), cfg, _gen())

@@ -40,6 +40,7 @@ VARIANTS: dict[str, tuple[ModelConfig, MoEConfig]] = {
     "article_mixing_pos": (_cfg(mixing="article", group_pos_emb=True, token_pos_emb=True), MoEConfig()),
     "shared_projection": (_cfg(shared_projection=True), MoEConfig()),
     "geglu": (_cfg(ffn_activation="geglu"), MoEConfig()),
+    "feature_dots": (_cfg(feature_dots=5), MoEConfig()),  # E = 30: six features of width 5
     "shared_ffn_geglu": (_cfg("rankmixer_shared_ffn", ffn_activation="geglu"), MoEConfig()),
     "moe_relu": (_cfg(), MoEConfig(enabled=True, num_experts=3, expert_mult=2)),
     "moe_topk": (_cfg(), MoEConfig(enabled=True, num_experts=3, router="topk", top_k=2)),
@@ -185,3 +186,15 @@ def test_token_dropout_drops_whole_tokens_in_training_only() -> None:
     torch.testing.assert_close(x_TBD[kept], 2.0 * tokens[kept])  # the others scaled by 1 / (1 - p)
     with pytest.raises(ConfigError, match="token_dropout"):
         ModelConfig(name="dcnv2", token_dropout=0.1).validate()
+
+
+def test_feature_dots_config_errors_name_the_key() -> None:
+    from schema import ConfigError  # noqa: PLC0415
+
+    with pytest.raises(ConfigError, match="model.feature_dots"):
+        ModelConfig(feature_dots=-1).validate()
+    recipe = ["--config", "configs/recsys.toml", "--model.feature_dots", "16"]
+    load_config(recipe)  # every feature of the recipe is 16 wide
+    load_config([*recipe[:-1], "8", "--model.name", "dcnv2"])  # no tokenizer: ignored
+    with pytest.raises(ConfigError, match=r"features.sparse\[0\] \('user_id'\) has dim 16"):
+        load_config([*recipe[:-1], "8"])
