@@ -16,7 +16,7 @@ from config import load_config
 from pipeline.loader import ParquetLoader
 from pipeline.plan import plan_dataset
 from pipeline.tools import clicklog, movielens
-from pipeline.vocab import build_vocabs, count_ids, resolve_sizes
+from pipeline.vocab import build_vocabs, resolve_sizes, scan_training_rows
 
 ROWS, HISTORY = 4000, 5
 
@@ -115,7 +115,7 @@ def test_oracle_beats_popularity_beats_chance(tmp_path):
 def test_recsys_config_reads_the_log(log):
     cfg = load_config(["--config", "configs/recsys.toml"])
     plan = plan_dataset(str(log[0] / "test"), cfg.data, cfg.features)  # raises DataError on any mismatch
-    vocabs = build_vocabs(cfg.features, count_ids(plan, cfg.features))  # the recipe's id vocabularies
+    vocabs = build_vocabs(cfg.features, *scan_training_rows(plan, cfg.features))  # vocabularies and catalogue
     resolve_sizes(cfg.features, vocabs)
     loader = ParquetLoader(
         plan, cfg.data, cfg.features, rank=0, world_size=1, batch_size=64, seed=0, shuffle=True, drop_last=True,
@@ -126,6 +126,9 @@ def test_recsys_config_reads_the_log(log):
     hist = b.sparse.to_dict()["hist_items"]
     assert hist.lengths().max() <= HISTORY
     assert np.array_equal(b.dense[:, 1].numpy(), hist.lengths().numpy())  # histories are never longer than max_len
+    genres = b.sparse.to_dict()["item_genres[hist_items]"]  # 1-3 genres per catalogued item of the history
+    assert genres.lengths().sum() > 0 and np.all(genres.lengths().numpy() <= 3 * hist.lengths().numpy())
+    assert genres.values().max() < vocabs["genre"].size
 
 
 # --- MovieLens: a hand-written GroupLens fixture ------------------------------------------------------------
