@@ -82,8 +82,7 @@ class Trainer:
         self.train_plan = train_plan
         self.eval_plan = plan_dataset(d.eval, d, f) if d.eval else None
         # Id vocabularies of 'vocab' features: counted over the training rows (cached in the run directory,
-        # copied into every checkpoint), table sizes ("auto") resolved before anything is built from them;
-        # the item catalogues of `a[s]` features also read the carve (the same files' latest rows).
+        # copied into every checkpoint), table sizes ("auto") resolved first; `a[s]` catalogues read the carve too.
         carve = self.valid_plan if d.valid_fraction > 0 else None
         self.vocabs = vocabularies(cfg, info, self.train_plan, self.run_dir, carve)
         self.loader = self._loader(self.train_plan, train=True)
