@@ -98,6 +98,8 @@ def validate_job(cfg: JobConfig, world_size: int = 1) -> None:
                 f"({m.num_tokens}) must be >= the {groups} groups with features (features.groups, plus dense)"
             )
     if tokenized and m.feature_dots > 0:
+        if len(cfg.features.sparse) < 2:
+            raise ConfigError(f"model.feature_dots = {m.feature_dots} needs at least two features.sparse to pair up")
         for i, sf in enumerate(cfg.features.sparse):
             if sf.dim != m.feature_dots:
                 raise ConfigError(

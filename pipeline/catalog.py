@@ -18,13 +18,15 @@ nothing (a history of only such items gives an empty bag). It is DIN's category 
 the log itself: no side table to ship or keep in sync.
 
 The catalogue is built in the statistics pass that counts the vocabularies (`pipeline.vocab`), over the
-training rows (the validation carve excluded): each rank keeps the first row of every item in its share
-of the row groups, keyed by (row-group unit, row); the merge keeps the earliest key per item, so 1 and
-2 ranks give the same catalogue. Memory is bounded: at most `features.vocab_exact_ids` items, the
-earliest-seen ones (beyond it, which items stay may depend on the world size; the run log says how
-many items the catalogue holds). It is saved with the vocabularies (`vocab.npz`: run directory, every
-checkpoint, the export artifact), so evaluate, export and predict look attributes up exactly as
-training did.
+training rows *and* the validation carve (an attribute is no label; the vocabulary counts stop before
+the carve): each rank keeps the first row of every item in its share of the row groups, keyed by
+(row-group unit, row); the merge keeps the earliest key per item, so 1 and 2 ranks give the same
+catalogue. Memory is bounded: at most `features.vocab_exact_ids` items, the earliest-seen ones, the same
+set for any world size (each rank's earliest `limit` contain the global earliest `limit`). On a
+time-ordered log the cap drops the newest items, whose attributes the next period's histories need
+most: the run log marks a capped catalogue, and `features.vocab_exact_ids` raises it. It is saved with
+the vocabularies (`vocab.npz`: run directory, every checkpoint, the export artifact), so evaluate,
+export and predict look attributes up exactly as training did.
 
 Legend: n rows, N ids (flattened bags).
 """
@@ -56,11 +58,13 @@ class ItemCatalog:
         ids: the catalogued item ids, sorted ascending (int64, raw: strings already hashed).
         offsets: len(ids) + 1 int64; item ids[c] has the attribute ids values[offsets[c] : offsets[c + 1]].
         values: the raw attribute ids (int64), before any table mapping.
+        capped: more items were seen than the limit kept (the newest ones have no entry).
     """
 
     ids: np.ndarray
     offsets: np.ndarray
     values: np.ndarray
+    capped: bool = False
 
     @property
     def size(self) -> int:
@@ -97,23 +101,25 @@ class CatalogPart:
     keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     values: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    capped: bool = False
 
     def first_per_item(self, limit: int) -> CatalogPart:
         """The earliest entry (smallest key) of each item, at most `limit` items (the earliest ones)."""
         order = np.argsort(self.keys, kind="stable")
         _, first = np.unique(self.ids[order], return_index=True)
-        keep = order[first]
-        if len(keep) > limit:
+        keep, capped = order[first], self.capped or len(first) > limit
+        if capped:
             keep = keep[np.argsort(self.keys[keep], kind="stable")[:limit]]
         keep = keep[np.argsort(self.ids[keep], kind="stable")]
         offsets = np.concatenate([[0], np.cumsum(self.lengths)])
         values = gather_segments(self.values, offsets[keep], self.lengths[keep])
-        return CatalogPart(self.ids[keep], self.keys[keep], self.lengths[keep], values)
+        return CatalogPart(self.ids[keep], self.keys[keep], self.lengths[keep], values, capped)
 
     @staticmethod
     def concat(parts: list[CatalogPart]) -> CatalogPart:
         fields = ("ids", "keys", "lengths", "values")
-        return CatalogPart(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
+        arrays = (np.concatenate([getattr(p, f) for p in parts]) for f in fields)
+        return CatalogPart(*arrays, capped=any(p.capped for p in parts))
 
 
 class CatalogBuilder:
@@ -122,10 +128,11 @@ class CatalogBuilder:
 
     Args:
         limit: the most items kept (`features.vocab_exact_ids`).
+        compact_every: pending entries that trigger a compaction at the least (tests make it small).
     """
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    def __init__(self, limit: int, compact_every: int = 1 << 16) -> None:
+        self.limit, self.compact_every = limit, compact_every
         self.done = CatalogPart()
         self._pending: list[CatalogPart] = []
         self._pending_n = 0
@@ -154,7 +161,7 @@ class CatalogBuilder:
         )
         self._pending.append(part)
         self._pending_n += len(rows)
-        if self._pending_n >= max(len(self.done.ids), self.limit, 1 << 16):
+        if self._pending_n >= max(len(self.done.ids), self.limit, self.compact_every):
             self._compact()
 
     def _compact(self) -> None:
@@ -171,4 +178,4 @@ class CatalogBuilder:
     def merge(parts: list[CatalogPart], limit: int) -> ItemCatalog:
         """The catalogue from every rank's part: the earliest row per item over all ranks."""
         p = CatalogPart.concat(parts).first_per_item(limit)
-        return ItemCatalog(p.ids, np.concatenate([[0], np.cumsum(p.lengths)]).astype(np.int64), p.values)
+        return ItemCatalog(p.ids, np.concatenate([[0], np.cumsum(p.lengths)]).astype(np.int64), p.values, p.capped)

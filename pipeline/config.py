@@ -238,6 +238,11 @@ class FeaturesConfig:
         by_name = {sf.name: sf for sf in self.sparse}
         for i, name in enumerate(self.dense):
             src = length_source(name)
+            if src is not None and lookup_source(src) is not None:
+                raise ConfigError(
+                    f"config key 'features.dense[{i}]' = {name!r}: len() counts a list column of the files; "
+                    f"{src!r} is derived (count its sequence instead: 'len({lookup_source(src)[1]})')"  # type: ignore[index]
+                )
             if src is not None and src in by_name and by_name[src].max_len == 1:
                 raise ConfigError(
                     f"config key 'features.dense[{i}]' = {name!r}: {src!r} is a scalar sparse feature (max_len 1); "
@@ -263,7 +268,7 @@ class FeaturesConfig:
         attr, seq = lookup_source(sf.name)  # type: ignore[misc]
         item = by_name.get(self.item_id)
         a, s = by_name.get(attr), by_name.get(seq)
-        if item is None:
+        if item is None or item.max_len != 1:
             raise ConfigError(
                 f"config key '{key}' = {sf.name!r} looks {attr!r} up by item, so 'features.item_id' must name a "
                 f"scalar sparse feature (the candidate item), got {self.item_id!r}"

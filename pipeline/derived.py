@@ -18,9 +18,10 @@ The file needs the source column (a list column), not the derived name; a file t
 column literally named `len(c)` still gets the derived value.
 
 `a[s]` (a sparse feature) is the attribute `a` of every item in the sequence `s`: the ids that the
-candidate-item column (`features.item_id`) carried in column `a` on the training rows, looked up in the
-item catalogue (`pipeline.catalog`) for each id of `s`. Its values are computed by the decoder from the
-catalogue; the file needs `s` (and `a` for the training rows, where the catalogue is built).
+candidate-item column (`features.item_id`) carried in column `a` on the training rows (the validation
+carve included), looked up in the item catalogue (`pipeline.catalog`) for each id of `s`. The decoder
+computes its values from the catalogue; the file needs `s` (and `a` on the rows the catalogue reads).
+`physical_columns` maps dense names, `sparse_columns` sparse ones.
 """
 
 from __future__ import annotations
@@ -48,9 +49,14 @@ def lookup_source(name: str) -> tuple[str, str] | None:
 
 
 def physical_columns(names: list[str]) -> list[str]:
-    """The file columns `names` need, each once, in order: a derived name is replaced by its source
-    (`len(s)` and `a[s]` read the list column `s`)."""
-    out = [length_source(n) or ((lk := lookup_source(n)) and lk[1]) or n for n in names]
+    """The file columns the dense features `names` need, each once, in order: `len(s)` reads column s."""
+    out = [length_source(n) or n for n in names]
+    return list(dict.fromkeys(out))
+
+
+def sparse_columns(names: list[str]) -> list[str]:
+    """The file columns the sparse features `names` need, each once, in order: `a[s]` reads column s."""
+    out = [lk[1] if (lk := lookup_source(n)) else n for n in names]
     return list(dict.fromkeys(out))
 
 

@@ -32,7 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.config import BAD_FILE_POLICIES, DataConfig, FeaturesConfig
-from pipeline.derived import length_source, lookup_source, physical_columns
+from pipeline.derived import length_source, lookup_source, physical_columns, sparse_columns
 from pipeline.errors import DataError
 
 __all__ = ["DataError", "DatasetPlan", "WorkUnit", "carve_tail", "plan_dataset", "resolve_files", "required_columns"]
@@ -164,7 +164,7 @@ def resolve_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
 def required_columns(data: DataConfig, features: FeaturesConfig) -> list[str]:
     """Every column the pipeline reads, each once: labels, dense, sparse, user id, item id, row id (a
     derived feature such as 'len(hist_items)' or 'item_genres[hist_items]' reads its source, `pipeline.derived`)."""
-    cols = [*features.labels, *physical_columns(features.dense), *physical_columns([sf.name for sf in features.sparse])]
+    cols = [*features.labels, *physical_columns(features.dense), *sparse_columns([sf.name for sf in features.sparse])]
     cols += [c for c in (features.user_id, features.item_id, data.row_id_column) if c]
     seen: set[str] = set()
     return [c for c in cols if not (c in seen or seen.add(c))]

@@ -23,8 +23,8 @@ e / width x total occurrences with probability 1 - exp(-depth)), so an id may be
 than `min_count` true occurrences, never dropped while it has more (unless it falls outside the
 heavy-hitter set).
 
-The same pass builds the item catalogues of the `a[s]` features (`pipeline.catalog`); they travel in the
-vocabulary file and on the IdVocab of the attribute's table (`IdVocab.catalogs`).
+The same pass builds the item catalogues of `a[s]` features (`pipeline.catalog`), kept in the vocabulary
+file and on the IdVocab of the attribute's table (`IdVocab.catalogs`).
 
 Legend: N ids (of a row group, or to map), V kept ids of a table.
 """
@@ -187,8 +187,8 @@ def count_ids(
     gather: Gather | None = None,
 ) -> dict[str, IdCounts]:
     """Id occurrence counts per vocabulary table over every row of `plan` (collective when world_size > 1):
-    `scan_training_rows` without the catalogues."""
-    return scan_training_rows(plan, features, rank=rank, world_size=world_size, gather=gather)[0]
+    `scan_training_rows` without building the catalogues."""
+    return scan_training_rows(plan, features, rank=rank, world_size=world_size, gather=gather, catalogs=False)[0]
 
 
 def lookup_features(features: FeaturesConfig) -> list[SparseFeature]:
@@ -204,6 +204,7 @@ def scan_training_rows(
     world_size: int = 1,
     gather: Gather | None = None,
     carve: DatasetPlan | None = None,
+    catalogs: bool = True,
 ) -> tuple[dict[str, IdCounts], dict[str, ItemCatalog]]:
     """One pass over the rows of `plan` (collective when world_size > 1): the id counts of every vocabulary
     table and the item catalogue of every `a[s]` feature, by feature name (`pipeline.catalog`: the earliest
@@ -222,7 +223,7 @@ def scan_training_rows(
         raise ValueError("count_ids: world_size > 1 needs a gather function (all_gather_object)")
     gather = gather or (lambda obj: [obj])
     tables = {t: [sf for sf in fs if lookup_source(sf.name) is None] for t, fs in vocab_tables(features).items()}
-    lookups = lookup_features(features)
+    lookups = lookup_features(features) if catalogs else []
     if not tables:
         return {}, {}
     by_name = {sf.name: sf for sf in features.sparse}
@@ -232,11 +233,12 @@ def scan_training_rows(
     local = {t: IdCounts(features.vocab_exact_ids, features.vocab_sketch_width) for t in tables}
     builders = {a: CatalogBuilder(features.vocab_exact_ids) for a in attrs}
     counted, rows = len(plan.units), plan
-    if lookups and carve is not None and carve.units:
-        if carve.files != plan.files:
-            raise ValueError("scan_training_rows: the carve must come from the same files as the plan")
+    if lookups and carve is not None and carve.units:  # the carve: after the plan's rows, in the same files
+        assert carve.files == plan.files, "scan_training_rows: the carve must come from the plan's files"
         rows = dataclasses.replace(plan, units=[*plan.units, *carve.units])
     units = list(range(rank, len(rows.units), world_size))
+    if [rows.units[u].file_index for u in units] != sorted(rows.units[u].file_index for u in units):  # by file
+        raise ValueError("scan_training_rows: the units must be in file order, as read_columns yields them")
     for unit, table in zip(units, read_columns(rows, names, units)):
         if unit < counted:
             for t, fs in tables.items():
@@ -374,6 +376,7 @@ def save_vocabs(path: Path, vocabs: dict[str, IdVocab], key: str = "") -> None:
         for name, cat in v.catalogs.items():
             arrays[f"catalog/{name}/ids"], arrays[f"catalog/{name}/offsets"] = cat.ids, cat.offsets
             arrays[f"catalog/{name}/values"] = cat.values
+            arrays[f"catalog/{name}/capped"] = np.array([int(cat.capped)])
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -412,7 +415,8 @@ def load_vocabs(path: Path, features: FeaturesConfig) -> dict[str, IdVocab]:
         k = f"catalog/{sf.name}"
         if f"{k}/ids" not in data:
             raise DataError(f"{path}: no item catalogue for feature '{sf.name}' (vocabularies built without it)")
-        cat = ItemCatalog(data[f"{k}/ids"], data[f"{k}/offsets"], data[f"{k}/values"])
+        capped = bool(data.get(f"{k}/capped", [0])[0])
+        cat = ItemCatalog(data[f"{k}/ids"], data[f"{k}/offsets"], data[f"{k}/values"], capped)
         if len(cat.offsets) != cat.size + 1 or (cat.size and int(cat.offsets[-1]) != len(cat.values)):
             raise DataError(f"{path}: the item catalogue of feature '{sf.name}' is inconsistent (offsets vs values)")
         out[sf.table_name].catalogs[sf.name] = cat
@@ -491,5 +495,6 @@ def report(vocabs: dict[str, IdVocab]) -> str:
             f"{s['train_oov_share']:>11.2%}  {'exact' if v.exact else 'count-min sketch'}"
         )
         for name, cat in v.catalogs.items():
-            lines.append(f"  item catalogue of {name}: {cat.size} items, {len(cat.values)} attribute ids")
+            cap = "  CAPPED at features.vocab_exact_ids: the newest items have none" * cat.capped
+            lines.append(f"  item catalogue of {name}: {cat.size} items, {len(cat.values)} attribute ids{cap}")
     return "\n".join(lines)

@@ -198,3 +198,5 @@ def test_feature_dots_config_errors_name_the_key() -> None:
     load_config([*recipe[:-1], "8", "--model.name", "dcnv2"])  # no tokenizer: ignored
     with pytest.raises(ConfigError, match=r"features.sparse\[0\] \('user_id'\) has dim 16"):
         load_config([*recipe[:-1], "8"])
+    with pytest.raises(ConfigError, match="needs at least two features.sparse"):
+        load_config(["--config", "configs/adult.toml", "--model.feature_dots", "8", "--features.sparse", "[]"])

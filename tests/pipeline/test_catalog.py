@@ -14,7 +14,9 @@ import pytest
 
 from pipeline.catalog import CatalogBuilder, ItemCatalog, gather_segments
 from pipeline.config import FeaturesConfig, SparseFeature
+from pipeline.derived import physical_columns, sparse_columns
 from pipeline.errors import DataError
+from pipeline.ids import hash_strings
 from pipeline.loader import ParquetLoader
 from pipeline.plan import carve_tail, plan_dataset, required_columns
 from pipeline.vocab import build_vocabs, load_vocabs, resolve_sizes, save_vocabs, scan_training_rows
@@ -102,9 +104,13 @@ def test_lookup_and_segments_against_python() -> None:
     assert gather_segments(vals, np.array([5, 0, 9]), np.array([2, 0, 1])).tolist() == [15, 16, 19]
 
 
-def test_builder_keeps_the_earliest_row_and_its_limit() -> None:
+@pytest.mark.parametrize("limit", [10_000, 25])
+def test_builder_keeps_the_earliest_row_and_its_limit(limit: int) -> None:
+    """Two "ranks" compacting every few units (the per-rank cap applies mid-stream with limit 25)."""
     rng = np.random.default_rng(3)
-    parts, ref, order = [CatalogBuilder(10_000), CatalogBuilder(10_000)], {}, []
+    parts = [CatalogBuilder(limit, compact_every=60), CatalogBuilder(limit, compact_every=60)]
+    ref: dict[int, list[int]] = {}
+    order: list[int] = []
     for unit in range(40):  # units dealt to two "ranks" like the reader's stride
         items = rng.integers(0, 300, 50)
         lens = rng.integers(0, 3, 50)
@@ -115,10 +121,9 @@ def test_builder_keeps_the_earliest_row_and_its_limit() -> None:
                 ref[it] = values[offs[r] : offs[r + 1]].tolist()
                 order.append(it)
         parts[unit % 2].add(unit, items, None, lens, values)
-    merged = CatalogBuilder.merge([p.finish() for p in parts], 10_000)
-    assert _as_dict(merged) == ref
-    capped = CatalogBuilder.merge([p.finish() for p in parts], 25)
-    assert _as_dict(capped) == {it: ref[it] for it in order[:25]}  # the 25 earliest-seen items
+    merged = CatalogBuilder.merge([p.finish() for p in parts], limit)
+    assert _as_dict(merged) == {it: ref[it] for it in order[:limit]}  # the earliest-seen items, all or 25
+    assert merged.capped == (len(order) > limit)
 
 
 def test_scan_equals_the_reference_and_loader_looks_up_exactly(data) -> None:
@@ -165,6 +170,33 @@ def test_the_catalogue_reads_the_carve_and_the_counts_do_not(data) -> None:
     assert counts["item"].total == len(items)  # ids counted over the rows before the carve only
 
 
+def test_string_ids_are_hashed_alike_in_the_catalogue_and_the_sequence(tmp_path: Path) -> None:
+    f = _features()
+    f.sparse = [replace(sf, dtype="string") for sf in f.sparse]
+    items = ["a", "b", "a", None, "c", "b"]
+    genres = [["x", "y"], ["z"], ["w"], ["q"], None, ["v"]]  # 'a' first showed x y; 'c' has no genres
+    hist = [[], ["a"], ["b", "a"], ["c", "d"], None, ["a", "b", "c"]]
+    table = pa.table(
+        {
+            "click": pa.array([0, 1] * 3, pa.int64()),
+            "item": pa.array(items, pa.string()),
+            "genre": pa.array(genres, pa.list_(pa.string())),
+            "hist": pa.array(hist, pa.list_(pa.string())),
+        }
+    )
+    pq.write_table(table, tmp_path / "part-0.parquet", row_group_size=4)
+    plan = _plan(str(tmp_path), f)
+    vocabs = build_vocabs(f, *scan_training_rows(plan, f))
+    resolve_sizes(f, vocabs)
+    loader = ParquetLoader(plan, data_config(str(tmp_path), row_id_column=""), f, rank=0, world_size=1, batch_size=6,
+                           seed=0, shuffle=False, drop_last=False, num_workers=0, vocabs=vocabs)  # fmt: skip
+    kjt = next(iter(loader)).sparse.to_dict()["genre[hist]"]
+    want = [[], ["x", "y"], ["z", "x", "y"], [], [], ["x", "y", "z"]]  # 'c' adds nothing, 'd' is unknown
+    assert kjt.lengths().tolist() == [len(w) for w in want]
+    raw = hash_strings(pa.array([g for w in want for g in w], pa.string()))[0]
+    assert kjt.values().tolist() == vocabs["genre"].map(raw).tolist()
+
+
 def _two_rank_catalog(root: str) -> dict[int, list[int]]:
     import torch.distributed as dist  # noqa: PLC0415
 
@@ -207,6 +239,8 @@ def test_round_trip_and_damaged_files(tmp_path: Path, data) -> None:
     ("change", "message"),
     [
         (lambda f: replace(f, item_id=""), "'features.item_id' must name a scalar sparse feature"),
+        (lambda f: _swap(f, 0, max_len=2), "'features.item_id' must name a scalar sparse feature"),
+        (lambda f: replace(f, dense=["len(genre[hist])"]), r"len\(\) counts a list column of the files"),
         (lambda f: _swap(f, 2, max_len=1), "'hist' must be a list feature"),
         (lambda f: _swap(f, 2, table="other"), "the ids of 'hist' must be items like 'item'"),
         (lambda f: _swap(f, 3, name="item[hist]", table="item"), "must be an attribute feature"),
@@ -218,6 +252,11 @@ def test_round_trip_and_damaged_files(tmp_path: Path, data) -> None:
 def test_config_errors_name_the_key(change, message) -> None:
     with pytest.raises(ConfigError, match=message):
         change(_features()).validate()
+
+
+def test_only_sparse_names_are_rewritten_to_their_sequence() -> None:
+    assert physical_columns(["price[usd]", "len(hist)"]) == ["price[usd]", "hist"]  # a dense name stays itself
+    assert sparse_columns(["genre[hist]", "hist", "item"]) == ["hist", "item"]
 
 
 def test_hash_mapping_is_refused() -> None:
