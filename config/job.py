@@ -91,11 +91,12 @@ def validate_job(cfg: JobConfig, world_size: int = 1) -> None:
     tokenized = m.name.startswith("rankmixer") or m.name == "self_attention"
     if tokenized and m.tokenization == "groups":
         groups = sum(any(f.group == g for f in cfg.features.sparse) for g in cfg.features.groups)
-        groups += bool(cfg.features.dense)
+        groups += bool(cfg.features.dense) + (m.feature_dots > 0)
         if m.num_tokens < groups:
             raise ConfigError(
                 f"model.tokenization = 'groups' gives every feature group its own tokens: model.num_tokens "
-                f"({m.num_tokens}) must be >= the {groups} groups with features (features.groups, plus dense)"
+                f"({m.num_tokens}) must be >= the {groups} groups with features (features.groups, plus dense"
+                f"{', plus the feature dot products' if m.feature_dots else ''})"
             )
     if tokenized and m.feature_dots > 0:
         if len(cfg.features.sparse) < 2:
@@ -106,11 +107,6 @@ def validate_job(cfg: JobConfig, world_size: int = 1) -> None:
                     f"model.feature_dots = {m.feature_dots} takes dot products of equal-width feature embeddings: "
                     f"features.sparse[{i}] ({sf.name!r}) has dim {sf.dim}"
                 )
-        if m.tokenization == "groups" and m.num_tokens < groups + 1:
-            raise ConfigError(
-                f"model.feature_dots with model.tokenization = 'groups' gives the products a group of their own: "
-                f"model.num_tokens ({m.num_tokens}) must be >= {groups + 1}"
-            )
     if cfg.features.dense and cfg.model.dense_proj_dim < 1:
         raise ConfigError("model.dense_proj_dim must be >= 1 when there are dense features")
     managed = set(emb.managed_collision)

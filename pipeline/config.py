@@ -297,10 +297,10 @@ class FeaturesConfig:
                 f"config key 'features.sparse[{i}]' ({sf.name!r}) must share {attr!r}'s table, id_mapping and dtype "
                 f"(set table = {a.table_name!r}, id_mapping = {a.id_mapping!r}, dtype = {a.dtype!r})"
             )
-        if sf.oov_dropout > 0 or sf.min_count != a.min_count:
+        if sf.oov_dropout > 0:  # (a differing min_count is refused above: one vocabulary per table)
             raise ConfigError(
                 f"config key 'features.sparse[{i}]' ({sf.name!r}): its ids are {attr!r}'s, counted there; set no "
-                "oov_dropout on it and the same min_count"
+                "oov_dropout on it"
             )
 
     def table_names(self) -> list[str]:

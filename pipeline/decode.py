@@ -164,17 +164,6 @@ def _one(col: pa.ChunkedArray) -> pa.Array:
     return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
 
 
-def raw_ids(col: pa.ChunkedArray | pa.Array, sf: SparseFeature) -> np.ndarray:
-    """The raw int64 ids feature `sf` carries in a column, as the reader sees them before mapping:
-    strings hashed, null ids and null lists dropped, lists truncated to their last max_len ids."""
-    arr = _one(col) if isinstance(col, pa.ChunkedArray) else col
-    health = _Health(len(arr))
-    if sf.max_len == 1:
-        ids, valid = _flat_ids(arr, sf)
-        return ids if valid is None else ids[valid]
-    return _list_chunk(arr, sf, 0, health)[1]
-
-
 def raw_bags(col: pa.ChunkedArray | pa.Array, sf: SparseFeature) -> tuple[np.ndarray, np.ndarray]:
     """(ids per row n, raw ids N) of feature `sf` in a column, as the reader sees them before mapping: a
     scalar row has 1 id or 0 (null), a list row its last max_len non-null ids (strings hashed)."""
@@ -224,7 +213,7 @@ def _looked_up(
     """(ids, offsets) of an `a[s]` feature: the catalogue's attribute ids of every item of sequence column
     `seq` (as feature `seq_sf` reads it: its last max_len ids), truncated to sf.max_len and mapped through
     the attribute's vocabulary. The sequence's own nulls are counted by its own feature, not again here."""
-    catalog = getattr(vocab, "catalogs", {}).get(sf.name) if vocab is not None else None
+    catalog = vocab.catalogs.get(sf.name) if vocab is not None else None
     if catalog is None:
         raise ValueError(f"feature '{sf.name}': no item catalogue was given to the reader (pipeline.catalog)")
     seq_lengths, items = _list_chunk(seq, seq_sf, 0, _Health(len(seq)))

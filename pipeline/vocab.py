@@ -42,7 +42,7 @@ import numpy as np
 
 from pipeline.catalog import CatalogBuilder, ItemCatalog
 from pipeline.config import FeaturesConfig, SparseFeature
-from pipeline.decode import raw_bags, raw_ids
+from pipeline.decode import raw_bags
 from pipeline.dense_stats import read_columns
 from pipeline.derived import lookup_source
 from pipeline.errors import DataError
@@ -243,7 +243,7 @@ def scan_training_rows(
         if unit < counted:
             for t, fs in tables.items():
                 for sf in fs:
-                    local[t].add(raw_ids(table.column(sf.name), sf))
+                    local[t].add(raw_bags(table.column(sf.name), sf)[1])
         if builders:
             has_item, item_ids = raw_bags(table.column(features.item_id), by_name[features.item_id])
             items = np.zeros(table.num_rows, dtype=np.int64)
