@@ -34,10 +34,17 @@ Legend: n rows, N ids (flattened bags).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 _ROW_BITS = 32  # key = unit << 32 | row: a row group has fewer than 2^32 rows
+
+
+class _Mapping(Protocol):
+    """A vocabulary (`pipeline.vocab.IdVocab`): raw int64 ids -> table rows."""
+
+    def map(self, raw_N: np.ndarray) -> np.ndarray: ...
 
 
 def gather_segments(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -65,20 +72,26 @@ class ItemCatalog:
     offsets: np.ndarray
     values: np.ndarray
     capped: bool = False
+    _rows: tuple[_Mapping, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def size(self) -> int:
         return len(self.ids)
 
-    def lookup(self, lengths_n: np.ndarray, items_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def lookup(
+        self, lengths_n: np.ndarray, items_N: np.ndarray, max_len: int | None = None, values: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The attributes of bags of items.
 
         Args:
             lengths_n: n items per row; items_N: the N = sum(lengths_n) item ids, row after row.
+            max_len: keep each row's last max_len attribute ids (None: all); the dropped ones are never
+                gathered.
+            values: what to gather in place of `self.values`, aligned with it (e.g. `table_rows`).
 
         Returns:
-            (lengths_n of the attribute bags, their raw attribute ids): row r's bag is the attribute ids
-            of its items in order, an item missing from the catalogue contributing none.
+            (lengths_n of the attribute bags, their ids): row r's bag is the attribute ids of its items in
+            order, an item missing from the catalogue contributing none, cut to its last max_len.
         """
         n = len(lengths_n)
         items_N = np.asarray(items_N, dtype=np.int64)
@@ -89,7 +102,24 @@ class ItemCatalog:
         count_N = np.where(hit, self.offsets[pos + 1] - self.offsets[pos], 0)
         rows = np.repeat(np.arange(n), np.asarray(lengths_n, dtype=np.int64))
         out_lengths = np.bincount(rows, weights=count_N, minlength=n).astype(np.int64)
-        return out_lengths, gather_segments(self.values, self.offsets[pos[hit]], count_N[hit])
+        start_N = self.offsets[pos]
+        if max_len is not None and out_lengths.max() > max_len:
+            # attribute ids after item j's in its row = row total - (ids up to and including j's)
+            through_N = np.cumsum(count_N) - (np.cumsum(out_lengths) - out_lengths)[rows]
+            keep_N = np.clip(max_len - (out_lengths[rows] - through_N), 0, count_N)
+            start_N = start_N + count_N - keep_N  # an item cut in two keeps its last ids
+            count_N, out_lengths = keep_N, np.minimum(out_lengths, max_len)
+        source = self.values if values is None else values
+        return out_lengths, gather_segments(source, start_N[hit], count_N[hit])
+
+    def table_rows(self, vocab: _Mapping) -> np.ndarray:
+        """`values` mapped to table rows by `vocab` (the attribute table's vocabulary), computed on the first
+        call for that vocabulary and kept: the reader gathers rows, not raw ids, so each attribute id is
+        mapped once per catalogue, not once per occurrence in a batch."""
+        cached = self._rows
+        if cached is None or cached[0] is not vocab:
+            cached = self._rows = (vocab, np.asarray(vocab.map(self.values), dtype=np.int64))
+        return cached[1]
 
 
 @dataclass

@@ -208,18 +208,17 @@ def _sparse(
 
 
 def _looked_up(
-    seq: pa.Array, seq_sf: SparseFeature, sf: SparseFeature, health: _Health, vocab: IdVocab | None
+    seq: pa.Array, seq_sf: SparseFeature, sf: SparseFeature, vocab: IdVocab | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(ids, offsets) of an `a[s]` feature: the catalogue's attribute ids of every item of sequence column
-    `seq` (as feature `seq_sf` reads it: its last max_len ids), truncated to sf.max_len and mapped through
-    the attribute's vocabulary. The sequence's own nulls are counted by its own feature, not again here."""
+    `seq` (as feature `seq_sf` reads it: its last max_len ids), truncated to sf.max_len, as rows of the
+    attribute's table (the catalogue maps its ids once: `ItemCatalog.table_rows`). The sequence's own
+    nulls are counted by its own feature, not again here."""
     catalog = vocab.catalogs.get(sf.name) if vocab is not None else None
     if catalog is None:
         raise ValueError(f"feature '{sf.name}': no item catalogue was given to the reader (pipeline.catalog)")
     seq_lengths, items = _list_chunk(seq, seq_sf, 0, _Health(len(seq)))
-    lengths, raw = _keep_last(*catalog.lookup(seq_lengths, items), sf.max_len)
-    ids = np.empty(len(raw), dtype=np.int64)
-    _map_into(raw, sf, ids, health, 0, lengths, vocab)
+    lengths, ids = catalog.lookup(seq_lengths, items, sf.max_len, catalog.table_rows(vocab))
     offsets = np.zeros(len(seq) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     return ids, offsets
@@ -268,7 +267,7 @@ def decode_piece(
     for sf in features.sparse:
         vocab = (vocabs or {}).get(sf.table_name)
         if (lookup := lookup_source(sf.name)) is not None:
-            f_ids, f_offsets = _looked_up(cols[lookup[1]], by_name[lookup[1]], sf, health, vocab)
+            f_ids, f_offsets = _looked_up(cols[lookup[1]], by_name[lookup[1]], sf, vocab)
         else:
             f_ids, f_offsets = _sparse(cols[sf.name], sf, health, vocab)
         ids.append(f_ids)

@@ -104,6 +104,39 @@ def test_lookup_and_segments_against_python() -> None:
     assert gather_segments(vals, np.array([5, 0, 9]), np.array([2, 0, 1])).tolist() == [15, 16, 19]
 
 
+def test_lookup_keeps_each_rows_last_ids_and_gathers_table_rows() -> None:
+    """max_len against gather-all-then-cut (items cut in two, rows under and over the cap, misses), and
+    table_rows: mapped once per vocabulary, recomputed for another one."""
+    rng = np.random.default_rng(5)
+    lens_c = rng.integers(0, 5, 40)
+    cat = ItemCatalog(
+        np.arange(40, dtype=np.int64) * 3, np.concatenate([[0], np.cumsum(lens_c)]), rng.integers(0, 99, lens_c.sum())
+    )
+    lengths_n = rng.integers(0, 9, 300)
+    items = rng.integers(0, 130, int(lengths_n.sum()))  # a third of them are in the catalogue
+    all_lengths, all_values = cat.lookup(lengths_n, items)
+    bags = np.split(all_values, np.cumsum(all_lengths)[:-1])
+    for max_len in (1, 4, 7, 1000):
+        lengths, values = cat.lookup(lengths_n, items, max_len)
+        want = [b[-max_len:] for b in bags]
+        assert lengths.tolist() == [len(w) for w in want] and values.tolist() == np.concatenate(want).tolist()
+    assert (all_lengths > 7).any() and (all_lengths[all_lengths > 0] < 4).any()
+
+    class Shift:  # a stand-in vocabulary: raw id -> id + k
+        def __init__(self, k: int) -> None:
+            self.k, self.calls = k, 0
+
+        def map(self, raw: np.ndarray) -> np.ndarray:
+            self.calls += 1
+            return raw + self.k
+
+    one, two = Shift(1000), Shift(2000)
+    assert cat.table_rows(one) is cat.table_rows(one) and one.calls == 1  # kept
+    assert cat.table_rows(two).tolist() == (cat.values + 2000).tolist() and two.calls == 1  # another vocabulary
+    lengths, rows = cat.lookup(lengths_n, items, 4, cat.table_rows(one))
+    assert rows.tolist() == (cat.lookup(lengths_n, items, 4)[1] + 1000).tolist()
+
+
 @pytest.mark.parametrize("limit", [10_000, 25])
 def test_builder_keeps_the_earliest_row_and_its_limit(limit: int) -> None:
     """Two "ranks" compacting every few units (the per-rank cap applies mid-stream with limit 25)."""
