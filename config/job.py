@@ -74,6 +74,13 @@ def validate_job(cfg: JobConfig, world_size: int = 1) -> None:
                 f"model.ffn_activation = {m.ffn_activation!r} applies to the dense FFN; with moe.enabled the "
                 "experts are GELU FFNs: set it to 'gelu' or moe.enabled = false"
             )
+    if (gb := cfg.data.global_batch_size) > 0:
+        if gb % world_size:
+            raise ConfigError(
+                f"config key 'data.global_batch_size' = {gb} must be a multiple of the world size ({world_size}): "
+                "every rank reads global_batch_size / world size rows per step"
+            )
+        cfg.data.batch_size = gb // world_size
     ep = cfg.parallelism.ep_size
     if world_size % ep:
         raise ConfigError(f"parallelism.ep_size ({ep}) must divide the world size ({world_size})")

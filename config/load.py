@@ -82,8 +82,15 @@ def load_config(
             tree = tomllib.loads(file.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {file}: invalid TOML: {e}") from None
-    for key, value in [*parse_cli(rest, JobConfig), *(pin or {}).items()]:
+    overrides = parse_cli(rest, JobConfig)
+    for key, value in [*overrides, *(pin or {}).items()]:
         set_dotted(tree, key, value)
     cfg = build(JobConfig, tree)
+    if cfg.data.global_batch_size > 0 and any(key == "data.batch_size" for key, _ in overrides):
+        raise ConfigError(
+            f"--data.batch_size is derived from data.global_batch_size ({cfg.data.global_batch_size}) here: set "
+            "--data.global_batch_size instead (batch_size x world size), or --data.global_batch_size 0 to give "
+            "batch_size per rank"
+        )
     validate_job(cfg, int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size)
     return cfg

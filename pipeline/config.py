@@ -324,7 +324,12 @@ class DataConfig:
     """Carve validation rows out of `train` instead: the last fraction of its rows in file / row-group
     order (deterministic; those rows are never trained on). 0 = no carve."""
     batch_size: int = 256
-    """Rows per batch on each rank (the global batch is batch_size x world size)."""
+    """Rows per batch on each rank (the global batch is batch_size x world size). Derived from
+    `global_batch_size` when that is set."""
+    global_batch_size: int = 0
+    """Rows per optimizer step over all ranks; > 0 sets batch_size = global_batch_size / world size (the
+    world size must divide it), so a recipe trains with the same batch on 1 process or 8. Giving
+    --data.batch_size on the command line as well is an error. 0: batch_size is per rank."""
     eval_batch_size: int = 1024
     """Rows per eval batch on each rank."""
     num_workers: int = 0
@@ -365,6 +370,7 @@ class DataConfig:
         if self.valid and self.valid_fraction > 0:
             raise ConfigError("data.valid and data.valid_fraction are both set; pick one source of validation rows")
         check_range(self.plan_threads, "data.plan_threads", min=0)
+        check_range(self.global_batch_size, "data.global_batch_size", min=0)
         for name in ("batch_size", "eval_batch_size", "shuffle_window", "prefetch_row_groups"):
             check_range(getattr(self, name), f"data.{name}", min=1)
         check_range(self.num_workers, "data.num_workers", min=0)

@@ -132,6 +132,28 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     assert tomllib.loads(f.read_text())["training"]["seed"] == 5
 
 
+def test_global_batch_size_sets_the_per_rank_batch(tmp_path: Path) -> None:
+    """The click-log recipe's 512 rows per step on 1, 2 and 4 processes; a run directory's config.toml (written
+    at one world size) loads at another with the same global batch; a world size that does not divide it,
+    a command-line batch_size beside it, and a negative one are refused naming the key."""
+    recipe = ["--config", str(CONFIGS / "recsys.toml")]
+    for world in (1, 2, 4):
+        cfg = load_config(recipe, world_size=world)
+        assert (cfg.data.global_batch_size, cfg.data.batch_size) == (512, 512 // world)
+    saved = tmp_path / "config.toml"
+    saved.write_text(load_config(recipe, world_size=2).to_toml())  # batch_size = 256 and global 512 both in it
+    assert load_config(["--config", str(saved)], world_size=1).data.batch_size == 512
+    with pytest.raises(ConfigError, match=r"'data.global_batch_size' = 512 must be a multiple of the world size \(3\)"):
+        load_config(recipe, world_size=3)
+    with pytest.raises(ConfigError, match=r"--data.batch_size is derived from data.global_batch_size \(512\)"):
+        load_config([*recipe, "--data.batch_size", "64"])
+    per_rank = load_config([*recipe, "--data.batch_size", "64", "--data.global_batch_size", "0"], world_size=2)
+    assert per_rank.data.batch_size == 64  # 0: batch_size is per rank, as without the key
+    assert load_config([*recipe, "--data.global_batch_size", "96"], world_size=2).data.batch_size == 48
+    with pytest.raises(ConfigError, match="data.global_batch_size must be >= 0"):
+        load_config([*recipe, "--data.global_batch_size", "-2"])
+
+
 def test_missing_file_is_clear() -> None:
     with pytest.raises(ConfigError, match="config file not found: nope.toml"):
         load_config(["--config", "nope.toml"])

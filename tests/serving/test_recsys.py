@@ -7,6 +7,7 @@ row), the report carries the trivial baselines and says when the model is below 
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ def _train(data: str, out: str, *extra: str) -> dict:
     from launch.train import main
 
     args = ["--config", str(REPO / "configs" / "recsys.toml"), "--training.output_dir", out]
-    args += ["--data.train", f"{data}/train", "--data.eval", f"{data}/test", "--data.batch_size", "128"]
+    args += ["--data.train", f"{data}/train", "--data.eval", f"{data}/test", "--data.global_batch_size", "256"]
     args += ["--training.epochs", "2", "--training.log_every", "100", "--metrics.progress", "false", *extra]
     return main(args)
 
@@ -53,6 +54,8 @@ def test_recipe_vocab_travels_into_evaluate_export_and_predict(dist_pool, log: P
 
     run = tmp_path / "recsys"
     summary = dist_pool.run(_train, str(log), str(run))[0]
+    saved = tomllib.loads((run / "config.toml").read_text())["data"]
+    assert (saved["global_batch_size"], saved["batch_size"]) == (256, 128)  # 256 rows per step over 2 ranks
     cfg = load_run_config(run)
     sizes = {sf.name: sf.vocab_size for sf in cfg.features.sparse}
     assert all(isinstance(v, int) for v in sizes.values())  # "auto" resolved into config.toml
