@@ -61,7 +61,8 @@ def dense_input_spec(features: FeaturesConfig) -> DenseInputSpec:
 
 
 def validate_job(cfg: JobConfig, world_size: int = 1) -> None:
-    """Every section's own checks, then the rules that span sections. Raises ConfigError naming the key."""
+    """Every section's own checks, then the rules that span sections. Raises ConfigError naming the key.
+    One value is set here, as it needs the world size: data.batch_size from data.global_batch_size."""
     for section in (cfg.data, cfg.features, cfg.embeddings, cfg.model, cfg.training, cfg.parallelism, cfg.metrics):
         section.validate()
     m, moe, emb = cfg.model, cfg.moe, cfg.embeddings
