@@ -1,8 +1,8 @@
 """Id vocabularies counted on the training rows: frequent ids get their own table row, rare and unseen
 ids share out-of-vocabulary (OOV) rows.
 
-    counts = count_ids(plan, features, rank=r, world_size=w, gather=all_gather_object)   # {table: IdCounts}
-    vocabs = build_vocabs(features, counts)       # {table: IdVocab}; vocab_size = "auto" resolved from them
+    counts, catalogs = scan_training_rows(plan, features, rank=r, world_size=w, gather=all_gather_object)
+    vocabs = build_vocabs(features, counts, catalogs)  # {table: IdVocab}; vocab_size = "auto" resolved from them
     rows = vocabs["item"].map(raw_ids_N)          # int64 rows in [0, vocabs["item"].size)
     save_vocabs(path, vocabs) / load_vocabs(path) # <run>/vocab.npz, copied into every checkpoint and artifact
 
@@ -178,19 +178,6 @@ def vocab_tables(features: FeaturesConfig) -> dict[str, list[SparseFeature]]:
     return out
 
 
-def count_ids(
-    plan: DatasetPlan,
-    features: FeaturesConfig,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    gather: Gather | None = None,
-) -> dict[str, IdCounts]:
-    """Id occurrence counts per vocabulary table over every row of `plan` (collective when world_size > 1):
-    `scan_training_rows` without building the catalogues."""
-    return scan_training_rows(plan, features, rank=rank, world_size=world_size, gather=gather, catalogs=False)[0]
-
-
 def lookup_features(features: FeaturesConfig) -> list[SparseFeature]:
     """The `a[s]` features (item attributes of a sequence), in config order."""
     return [sf for sf in features.sparse if lookup_source(sf.name) is not None]
@@ -204,7 +191,6 @@ def scan_training_rows(
     world_size: int = 1,
     gather: Gather | None = None,
     carve: DatasetPlan | None = None,
-    catalogs: bool = True,
 ) -> tuple[dict[str, IdCounts], dict[str, ItemCatalog]]:
     """One pass over the rows of `plan` (collective when world_size > 1): the id counts of every vocabulary
     table and the item catalogue of every `a[s]` feature, by feature name (`pipeline.catalog`: the earliest
@@ -220,10 +206,10 @@ def scan_training_rows(
         DataError: a row group cannot be read (names the file).
     """
     if world_size > 1 and gather is None:
-        raise ValueError("count_ids: world_size > 1 needs a gather function (all_gather_object)")
+        raise ValueError("scan_training_rows: world_size > 1 needs a gather function (all_gather_object)")
     gather = gather or (lambda obj: [obj])
     tables = {t: [sf for sf in fs if lookup_source(sf.name) is None] for t, fs in vocab_tables(features).items()}
-    lookups = lookup_features(features) if catalogs else []
+    lookups = lookup_features(features)
     if not tables:
         return {}, {}
     by_name = {sf.name: sf for sf in features.sparse}

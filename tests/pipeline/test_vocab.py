@@ -15,7 +15,7 @@ from pipeline.config import FeaturesConfig, SparseFeature
 from pipeline.errors import DataError
 from pipeline.loader import ParquetLoader
 from pipeline.plan import plan_dataset
-from pipeline.vocab import IdCounts, build_vocabs, count_ids, load_vocabs, resolve_sizes, save_vocabs
+from pipeline.vocab import IdCounts, build_vocabs, load_vocabs, resolve_sizes, save_vocabs, scan_training_rows
 from schema import ConfigError
 from tests.pipeline.fixtures import data_config
 
@@ -91,7 +91,7 @@ def _plan(root: str, features: FeaturesConfig):
 def test_counts_and_vocabulary_equal_numpy(data) -> None:
     root, cols = data
     features = _features(min_count=3)
-    counts = count_ids(_plan(root, features), features)
+    counts = scan_training_rows(_plan(root, features), features)[0]
     ref = _numpy_counts(cols, features)
     for table, want in ref.items():
         c = counts[table]
@@ -113,14 +113,16 @@ def _two_rank_counts(root: str) -> dict[str, tuple[list[int], list[int]]]:
     from parallel.distributed import all_gather_object  # noqa: PLC0415
 
     features = _features()
-    counts = count_ids(_plan(root, features), features, rank=dist.get_rank(), world_size=2, gather=all_gather_object)
+    plan = _plan(root, features)
+    counts = scan_training_rows(plan, features, rank=dist.get_rank(), world_size=2, gather=all_gather_object)[0]
     return {t: (c.ids.tolist(), c.counts.tolist()) for t, c in counts.items()}
 
 
 def test_two_ranks_count_like_one(dist_pool, data) -> None:
     root, _ = data
     features = _features()
-    one = {t: (c.ids.tolist(), c.counts.tolist()) for t, c in count_ids(_plan(root, features), features).items()}
+    counts = scan_training_rows(_plan(root, features), features)[0]
+    one = {t: (c.ids.tolist(), c.counts.tolist()) for t, c in counts.items()}
     a, b = dist_pool.run(_two_rank_counts, root)
     assert a == b == one
 
@@ -170,7 +172,7 @@ def test_mapping_min_count_oov_buckets_and_cap() -> None:
 def test_file_round_trip_and_errors(tmp_path: Path, data) -> None:
     root, _ = data
     features = _features()
-    vocabs = build_vocabs(features, count_ids(_plan(root, features), features))
+    vocabs = build_vocabs(features, scan_training_rows(_plan(root, features), features)[0])
     save_vocabs(tmp_path / "vocab.npz", vocabs)
     back = load_vocabs(tmp_path / "vocab.npz", features)
     for t, v in vocabs.items():
@@ -189,7 +191,7 @@ def test_loader_maps_ids_through_the_vocabulary(data) -> None:
     root, cols = data
     features = _features(min_count=2)
     plan = _plan(root, features)
-    vocabs = build_vocabs(features, count_ids(plan, features))
+    vocabs = build_vocabs(features, scan_training_rows(plan, features)[0])
     resolve_sizes(features, vocabs)
     with pytest.raises(ValueError, match="need the vocabularies"):
         ParquetLoader(plan, data_config(root, row_id_column=""), features, rank=0, world_size=1, batch_size=500,
@@ -233,7 +235,7 @@ def test_oov_dropout_is_deterministic_and_only_in_training(data) -> None:
     features = _features(min_count=2)
     features.sparse[0] = replace(features.sparse[0], oov_dropout=0.5)
     plan = _plan(root, features)
-    vocabs = build_vocabs(features, count_ids(plan, features))
+    vocabs = build_vocabs(features, scan_training_rows(plan, features)[0])
     resolve_sizes(features, vocabs)
 
     def users(train: bool, seed: int = 0) -> np.ndarray:
