@@ -147,13 +147,8 @@ def _list_chunk(arr: pa.Array, sf: SparseFeature, a: int, health: _Health) -> tu
         health.add(_NULLS, a, dropped)
         lengths = lengths - dropped
         ids = ids[valid]
-    return _keep_last(lengths, ids, sf.max_len)
-
-
-def _keep_last(lengths: np.ndarray, ids: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(lengths, ids) of bags truncated to their last max_len ids."""
-    if len(lengths) and lengths.max() > max_len:
-        keep = np.minimum(lengths, max_len)
+    if n and lengths.max() > sf.max_len:  # keep the last max_len ids of each row
+        keep = np.minimum(lengths, sf.max_len)
         shift = np.cumsum(lengths) - np.cumsum(keep)  # first kept id of a row minus its new offset
         ids = ids[np.repeat(shift, keep) + np.arange(int(keep.sum()))]
         lengths = keep
