@@ -9,6 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import DataConfig, FeaturesConfig, SparseFeature
+from pipeline.loader import ParquetLoader
+from pipeline.plan import DatasetPlan
 
 
 def small_features(vocab: int = 50, id_mapping: str = "hash", string_feature: bool = False) -> FeaturesConfig:
@@ -75,3 +77,12 @@ def data_config(path: Path | str, **kw) -> DataConfig:
     base = dict(train=str(path), eval="", shuffle_window=8, num_workers=0, prefetch_row_groups=2)
     base.update(kw)
     return DataConfig(**base)
+
+
+def ordered_loader(plan: DatasetPlan, root: Path | str, features: FeaturesConfig, vocabs: dict) -> ParquetLoader:
+    """One rank reading every row of `plan` in file order (no shuffle, the tail padded), batches of 500,
+    ids mapped through `vocabs`: what the vocabulary tests compare row by row against a reference."""
+    return ParquetLoader(
+        plan, data_config(root, row_id_column="", shuffle_window=500), features, rank=0, world_size=1,
+        batch_size=500, seed=0, shuffle=False, drop_last=False, num_workers=0, vocabs=vocabs,
+    )  # fmt: skip

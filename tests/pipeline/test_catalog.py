@@ -21,7 +21,7 @@ from pipeline.loader import ParquetLoader
 from pipeline.plan import carve_tail, plan_dataset, required_columns
 from pipeline.vocab import build_vocabs, load_vocabs, resolve_sizes, save_vocabs, scan_training_rows
 from schema import ConfigError
-from tests.pipeline.fixtures import data_config
+from tests.pipeline.fixtures import data_config, ordered_loader
 
 N_FILES, ROWS, RG, HIST, GENRES, OUT = 3, 1500, 400, 4, 3, 7
 
@@ -173,10 +173,7 @@ def test_scan_equals_the_reference_and_loader_looks_up_exactly(data) -> None:
         build_vocabs(features, counts)
     vocabs = build_vocabs(features, counts, catalogs)
     resolve_sizes(features, vocabs)
-    loader = ParquetLoader(
-        plan, data_config(root, row_id_column="", shuffle_window=500), features, rank=0, world_size=1,
-        batch_size=500, seed=0, shuffle=False, drop_last=False, num_workers=0, vocabs=vocabs,
-    )  # fmt: skip
+    loader = ordered_loader(plan, root, features, vocabs)
     got_values, got_lengths = [], []
     for batch in loader:
         kjt = batch.sparse.to_dict()["genre[hist]"]

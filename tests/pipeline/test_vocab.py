@@ -17,7 +17,7 @@ from pipeline.loader import ParquetLoader
 from pipeline.plan import plan_dataset
 from pipeline.vocab import IdCounts, build_vocabs, load_vocabs, resolve_sizes, save_vocabs, scan_training_rows
 from schema import ConfigError
-from tests.pipeline.fixtures import data_config
+from tests.pipeline.fixtures import data_config, ordered_loader
 
 N_FILES, ROWS, RG, MAX_LEN = 3, 2000, 450, 4
 
@@ -196,10 +196,7 @@ def test_loader_maps_ids_through_the_vocabulary(data) -> None:
     with pytest.raises(ValueError, match="need the vocabularies"):
         ParquetLoader(plan, data_config(root, row_id_column=""), features, rank=0, world_size=1, batch_size=500,
                       seed=0, shuffle=False, drop_last=False, num_workers=0)  # fmt: skip
-    loader = ParquetLoader(
-        plan, data_config(root, row_id_column="", shuffle_window=500), features, rank=0, world_size=1,
-        batch_size=500, seed=0, shuffle=False, drop_last=False, num_workers=0, vocabs=vocabs,
-    )  # fmt: skip
+    loader = ordered_loader(plan, root, features, vocabs)
     got_user, got_hist = [], []
     for batch in loader:
         d = batch.sparse.to_dict()
